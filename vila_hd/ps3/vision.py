@@ -1,0 +1,473 @@
+"""The PS3 vision encoder: low-res global pass, patch selection, batched high-res look-close steps.
+
+Architecture only; the Hugging Face wrappers live in ``modeling.py``. The encoder is split in two
+public halves so that callers (VILA-HD) can run the prompt-independent low-res pass once and reuse it:
+
+* :meth:`PS3VisionEncoder.encode_low_res` -> :class:`LowResOutput` (block outputs, K/V cache,
+  selection features), and
+* :meth:`PS3VisionEncoder.look_close` -> :class:`PS3VisionModelOutput` for a given prompt/budget.
+
+Unlike the reference, the look-close steps (which never attend to each other) run as one batch, each
+scale is resized and unfolded once, and the high-res blocks stop at the deepest layer asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers.utils import ModelOutput
+
+from .configuration import PS3VisionConfig
+from .layers import AttentionPoolLatent, Block, Mlp, PatchEmbed, ShallowConvNet
+from .selection import (
+    StepSpec,
+    apply_gt_and_smoothing,
+    plan_steps,
+    resize_maps,
+    resolve_steps,
+    select_step,
+    selection_probs_from_logits,
+)
+
+
+@dataclass
+class PS3VisionModelOutput(ModelOutput):
+    """Outputs of the PS3 vision tower.
+
+    ``hidden_states`` are block outputs *before* the final norm: 729 low-res tokens, then the selected
+    patches of each high-res scale in raster order (scale-major). ``selection_maps`` are float 0/1 maps
+    (B, h, w) per high-res scale (union of the steps).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pooled_output: torch.FloatTensor | None = None
+    selection_maps: list[torch.Tensor] | None = None
+    selection_probs: list[torch.Tensor] | None = None
+    bottomup_selection_probs: list[torch.Tensor] | None = None
+    topdown_selection_probs: list[torch.Tensor] | None = None
+
+
+@dataclass
+class LowResOutput:
+    """Everything the prompt-independent low-res pass produces (reusable across prompts)."""
+
+    pixel_values: torch.Tensor
+    hidden_states: list[torch.Tensor]
+    kv_cache: list[tuple[torch.Tensor, torch.Tensor]]
+    selection_features: torch.Tensor
+    highres_selection_features: torch.Tensor | None
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return tuple(self.pixel_values.shape[-2:])
+
+
+def resize_image(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bicubic resize in fp32, no antialias (the reference's choice), back to the input dtype."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x.float(), size=tuple(size), mode="bicubic", align_corners=False).to(x.dtype)
+
+
+def resample_pos_embed(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, g*g, C) table -> (h*w, C): bicubic+antialias to max(h, w) squared, cropped top-left."""
+    g = int(round(table.shape[1] ** 0.5))
+    h, w = grid
+    if (h, w) == (g, g):
+        return table[0]
+    x = table.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    side = max(h, w)
+    x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False)[:, :, :h, :w]
+    return x.permute(0, 2, 3, 1).reshape(h * w, -1).to(table.dtype)
+
+
+def crop_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, G*G, C) square table -> its top-left (h, w) crop as (h*w, C)."""
+    side = int(round(table.shape[1] ** 0.5))
+    h, w = grid
+    return table[0].view(side, side, -1)[:h, :w].reshape(h * w, -1)
+
+
+class PS3Trunk(nn.Module):
+    """SigLIP ViT backbone with timm's parameter names (patch_embed, pos_embed, blocks, norm, attn_pool)."""
+
+    def __init__(self, config: PS3VisionConfig):
+        super().__init__()
+        dim, grid = config.hidden_size, config.low_res_grid
+        self.patch_embed = PatchEmbed(config.num_channels, dim, config.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
+        self.blocks = nn.ModuleList(
+            Block(dim, config.num_attention_heads, config.intermediate_size, config.layer_norm_eps, config.hidden_act)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn_pool = AttentionPoolLatent(
+            dim, config.num_attention_heads, config.intermediate_size, config.layer_norm_eps, config.hidden_act
+        )
+
+    def pool(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attn_pool(self.norm(x), mask)
+
+
+class PS3VisionEncoder(nn.Module):
+    """PS3 vision tower (parameter names as the official checkpoints under ``vision_model.``)."""
+
+    def __init__(self, config: PS3VisionConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        dim, n_hi = config.hidden_size, config.num_scales - 1
+        self.trunk = PS3Trunk(config)
+        sel_dim = dim * len(config.select_based_on_layer)
+        self.selection_feature_proj = Mlp(sel_dim, sel_dim, dim * n_hi, norm_eps=1e-5)
+        self.prior_prompt = nn.Parameter(torch.randn(dim))
+        if config.separate_pos_emb:
+            self.pos_emb_residual = nn.ParameterList(
+                nn.Parameter(torch.zeros(1, (s // config.patch_size) ** 2, dim)) for s in config.ps3_scales[1:]
+            )
+        if config.highres_selection_feature:
+            self.highres_selection_feature_module = ShallowConvNet(
+                config.highres_selection_module_hidden_dim,
+                config.highres_selection_module_out_dim,
+                config.highres_selection_module_depth,
+                config.highres_selection_module_kernel_size,
+            )
+            self.prompt_proj_for_highres = nn.Linear(dim, config.highres_selection_module_out_dim * n_hi)
+
+    # --- geometry -------------------------------------------------------------------------------
+    @property
+    def width(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def low_res_token_num(self) -> int:
+        return self.config.low_res_token_num
+
+    def image_size_scale_i(self, hw, scale_idx: int) -> tuple[int, int]:
+        """Pixel size of scale ``scale_idx`` for an input of size ``hw`` (a tensor or (H, W))."""
+        scales, p = self.config.ps3_scales, self.config.patch_size
+        base = scales[0]
+        if scale_idx == 0:
+            return (base, base)
+        h, w = _hw(hw)
+        zoom = scales[scale_idx] // base
+        if h >= w:
+            return (base * zoom, max(int(base / h * w) // p, 1) * p * zoom)
+        return (max(int(base / w * h) // p, 1) * p * zoom, base * zoom)
+
+    def feature_size_scale_i(self, hw, scale_idx: int) -> tuple[int, int]:
+        """Patch grid (h, w) of scale ``scale_idx``."""
+        h, w = self.image_size_scale_i(hw, scale_idx)
+        p = self.config.patch_size
+        return (max(h // p, 1), max(w // p, 1))
+
+    def highres_grids(self, hw) -> list[tuple[int, int]]:
+        return [self.feature_size_scale_i(hw, i) for i in range(1, self.config.num_scales)]
+
+    def max_highres_token_num(self, hw, only_select_first_n_scale: int | None = None) -> int:
+        grids = self.highres_grids(hw)
+        if only_select_first_n_scale is not None:
+            grids = grids[:only_select_first_n_scale]
+        return sum(h * w for h, w in grids)
+
+    def plan(self, hw, num_look_close=None, num_token_look_close=None, only_select_first_n_scale=None,
+             selection_group_size: int = 1, steps: list[StepSpec] | None = None) -> list[list[int]]:
+        """Patches selected per step and scale, ``plan[step][scale]`` (no forward pass needed)."""
+        _check_first_n(only_select_first_n_scale, self.config.num_scales - 1)
+        grids = self.highres_grids(hw)
+        if selection_group_size > 1:
+            bad = [g for g in grids if g[0] % selection_group_size or g[1] % selection_group_size]
+            if bad:
+                raise ValueError(f"selection_group_size={selection_group_size} does not divide the patch grids {bad}")
+        if steps is None:
+            steps = resolve_steps(
+                self.max_highres_token_num(hw, only_select_first_n_scale),
+                sum(self.config.budget_each_scale),
+                num_look_close, num_token_look_close,
+            )
+        return plan_steps(grids, self.config.budget_each_scale, steps, only_select_first_n_scale, selection_group_size)
+
+    def num_selected_patches(self, hw, num_look_close=None, num_token_look_close=None,
+                             only_select_first_n_scale=None, selection_group_size: int = 1) -> int:
+        """Exact number of high-res patches :meth:`look_close` selects for these settings."""
+        plan = self.plan(hw, num_look_close, num_token_look_close, only_select_first_n_scale, selection_group_size)
+        return sum(sum(step) for step in plan)
+
+    # --- low-res pass ---------------------------------------------------------------------------
+    def encode_low_res(self, pixel_values: torch.Tensor) -> LowResOutput:
+        """Run all blocks on the 378x378 image; keep block outputs, K/V and the selection features."""
+        self._check_pixels(pixel_values)
+        base = self.config.ps3_scales[0]
+        x = self.trunk.patch_embed(resize_image(pixel_values, (base, base))) + self.trunk.pos_embed
+        hidden, kv_cache = [], []
+        for blk in self.trunk.blocks:
+            x, kv = self._run_block(blk, x, None, True)
+            hidden.append(x)
+            kv_cache.append(kv)
+        grid = self.config.low_res_grid
+        feats = torch.cat([hidden[i] for i in self.config.select_based_on_layer], dim=-1)
+        feats = self.selection_feature_proj(feats)[..., : self.width]  # only the first scale slot is used
+        feats = feats.transpose(1, 2).reshape(x.shape[0], self.width, grid, grid)
+        highres = None
+        if self.config.highres_selection_feature:
+            side = self.config.highres_selection_image_size
+            highres = self.highres_selection_feature_module(resize_image(pixel_values, (side, side)))
+        return LowResOutput(pixel_values, hidden, kv_cache, feats, highres)
+
+    def _run_block(self, blk, x, kv_prefix, return_kv):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, kv_prefix, return_kv, use_reentrant=False)
+        return blk(x, kv_prefix, return_kv)
+
+    # --- selection scores -----------------------------------------------------------------------
+    def prompt_logits(self, low: LowResOutput, prompt: torch.Tensor) -> torch.Tensor:
+        """Cosine logits (B, g, g) of a prompt against the low-res (and high-res conv) selection features."""
+        feats = low.selection_features
+        prompt = prompt.to(feats.dtype)
+        logits = (F.normalize(feats, dim=1) * F.normalize(prompt, dim=-1)[:, :, None, None]).sum(1)
+        if low.highres_selection_features is not None:
+            hr = low.highres_selection_features
+            hr_prompt = self.prompt_proj_for_highres(prompt)[:, : hr.shape[1]]
+            hr_logits = (F.normalize(hr, dim=1) * F.normalize(hr_prompt, dim=-1)[:, :, None, None]).sum(1)
+            logits = (logits + F.adaptive_max_pool2d(hr_logits.unsqueeze(1), logits.shape[-2:]).squeeze(1)) / 2
+        return logits
+
+    def selection_probs(self, low: LowResOutput, prompt: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per high-res scale (B, h, w) probabilities: top-down for ``prompt``, bottom-up for None."""
+        if prompt is None:
+            prompt = self.prior_prompt[None].expand(low.pixel_values.shape[0], -1)
+        probs = selection_probs_from_logits(self.prompt_logits(low, prompt))
+        return [p.to(probs.dtype) for p in resize_maps(probs, self.highres_grids(low.pixel_values))]
+
+    # --- look close -----------------------------------------------------------------------------
+    def look_close(
+        self,
+        low: LowResOutput,
+        num_look_close=None,
+        num_token_look_close=None,
+        prompt: torch.Tensor | None = None,
+        gt_selection_maps: torch.Tensor | None = None,
+        smooth_selection_prob: bool = False,
+        only_select_first_n_scale: int | None = None,
+        output_layers: Sequence[int] | None = None,
+        selection_group_size: int = 1,
+    ) -> PS3VisionModelOutput:
+        """Select high-res patches and encode them against the low-res K/V cache (all steps batched)."""
+        batch = low.pixel_values.shape[0]
+        self._check_prompt(prompt, batch)
+        self._check_gt(gt_selection_maps, batch)
+        layers = self._resolve_layers(output_layers)
+        plan = self.plan(low.pixel_values, num_look_close, num_token_look_close, only_select_first_n_scale,
+                         selection_group_size)
+        bottom_up = self.selection_probs(low)
+        top_down = self.selection_probs(low, prompt) if prompt is not None else None
+        probs = apply_gt_and_smoothing(top_down or bottom_up, gt_selection_maps, smooth_selection_prob)
+        step_maps = self._select(probs, plan, selection_group_size)
+        hidden = self._encode_selected(low, step_maps, plan, layers) if plan else None
+        states = tuple(
+            low.hidden_states[layer] if hidden is None else torch.cat([low.hidden_states[layer], hidden[j]], dim=1)
+            for j, layer in enumerate(layers)
+        )
+        union = [sum(m[i] for m in step_maps) if step_maps else torch.zeros_like(p) for i, p in enumerate(probs)]
+        return PS3VisionModelOutput(
+            last_hidden_state=states[layers.index(max(layers))],
+            hidden_states=states,
+            selection_maps=union,
+            selection_probs=probs,
+            bottomup_selection_probs=bottom_up,
+            topdown_selection_probs=top_down,
+        )
+
+    def _resolve_layers(self, output_layers: Sequence[int] | None) -> list[int]:
+        n = self.config.num_hidden_layers
+        if output_layers is None:
+            return list(range(n))
+        resolved = [i + n if i < 0 else i for i in output_layers]
+        if not resolved or any(not 0 <= i < n for i in resolved):
+            raise ValueError(f"output_layers={list(output_layers)} out of range for {n} layers")
+        return resolved
+
+    def _select(self, probs: list[torch.Tensor], plan: list[list[int]], group: int) -> list[list[torch.Tensor]]:
+        taken = [torch.zeros_like(p, dtype=torch.float32) for p in probs]
+        step_maps = []
+        for quota in plan:
+            new = select_step(probs, taken, quota, group)
+            taken = [t + n for t, n in zip(taken, new)]
+            step_maps.append(new)
+        return step_maps
+
+    def _scale_bank(self, pixel_values: torch.Tensor, scale_idx: int):
+        """Unfolded patches (B, N, C*p*p) and position embeddings (N, dim) of one high-res scale."""
+        grid = self.feature_size_scale_i(pixel_values, scale_idx)
+        p = self.config.patch_size
+        img = resize_image(pixel_values, self.image_size_scale_i(pixel_values, scale_idx))
+        patches = F.unfold(img, kernel_size=p, stride=p).transpose(1, 2)
+        pos = resample_pos_embed(self.trunk.pos_embed, grid)
+        if self.config.separate_pos_emb:
+            pos = pos + crop_table(self.pos_emb_residual[scale_idx - 1], grid)
+        return patches, pos
+
+    def _encode_selected(self, low, step_maps, plan, layers) -> list[torch.Tensor]:
+        """Embed each step's patches, run every step as one batch (grouped by length), gather per layer."""
+        x, batch_idx, flat_idx = self._embed_steps(low.pixel_values, step_maps, plan)
+        union = torch.cat([sum(m[i] for m in step_maps).flatten(1) for i in range(len(step_maps[0]))], dim=1)
+        rank = union.cumsum(1).long() - 1
+        total = int(union[0].sum().item())
+        out = [x[0].new_zeros(union.shape[0], total, self.width) for _ in layers]
+        deepest = max(layers)
+        for xg, bg, fg in zip(x, batch_idx, flat_idx):
+            pos = rank[bg[:, None], fg]
+            for depth, blk in enumerate(self.trunk.blocks[: deepest + 1]):
+                k, v = low.kv_cache[depth]
+                xg, _ = self._run_block(blk, xg, (k[bg], v[bg]), False)
+                if depth in layers:
+                    out[layers.index(depth)][bg[:, None], pos] = xg.to(out[0].dtype)
+        return out
+
+    def _embed_steps(self, pixel_values, step_maps, plan):
+        """Token embeddings of every (instance, step) sequence, grouped by per-scale counts."""
+        n_scales, batch = len(step_maps[0]), pixel_values.shape[0]
+        used = [i for i in range(n_scales) if any(step[i] for step in plan)]
+        banks = {i: self._scale_bank(pixel_values, i + 1) for i in used}
+        offsets = [0]
+        for m in step_maps[0]:
+            offsets.append(offsets[-1] + m[0].numel())
+        # One nonzero per scale over (step, batch, N); chunks are contiguous per (step, instance).
+        per_scale = {}
+        for i in used:
+            nz = torch.stack([m[i] for m in step_maps]).flatten(2).nonzero()[:, 2]
+            per_scale[i] = torch.split(nz, [plan[s][i] for s in range(len(plan)) for _ in range(batch)])
+        groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for s in range(len(plan)):
+            for b in range(batch):
+                groups.setdefault(tuple(plan[s]), []).append((s, b))
+        xs, bs, fs = [], [], []
+        for signature, members in groups.items():
+            b_idx = torch.tensor([b for _, b in members], device=pixel_values.device)
+            tokens, flat = [], []
+            for i in used:
+                if signature[i] == 0:
+                    continue
+                idx = torch.stack([per_scale[i][s * batch + b] for s, b in members])
+                patches, pos = banks[i]
+                tokens.append(self.trunk.patch_embed.embed_patches(patches[b_idx[:, None], idx]) + pos[idx])
+                flat.append(idx + offsets[i])
+            xs.append(torch.cat(tokens, dim=1))
+            bs.append(b_idx)
+            fs.append(torch.cat(flat, dim=1))
+        return xs, bs, fs
+
+    # --- full forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        num_look_close=None,
+        num_token_look_close=None,
+        prompt: torch.Tensor | None = None,
+        gt_selection_maps: torch.Tensor | None = None,
+        smooth_selection_prob: bool = False,
+        only_select_first_n_scale: int | None = None,
+        is_global_text: torch.Tensor | None = None,
+        pool_gt_token_only: bool = False,
+        output_hidden_states: bool = True,
+        output_layers: Sequence[int] | None = None,
+        selection_group_size: int = 1,
+    ) -> PS3VisionModelOutput:
+        low = self.encode_low_res(pixel_values)
+        if output_hidden_states:
+            return self.look_close(low, num_look_close, num_token_look_close, prompt, gt_selection_maps,
+                                   smooth_selection_prob, only_select_first_n_scale, output_layers,
+                                   selection_group_size)
+        return self.forward_pooled(low, prompt, gt_selection_maps, is_global_text, pool_gt_token_only,
+                                   num_token_look_close, smooth_selection_prob)
+
+    def forward_pooled(self, low, prompt=None, gt_selection_maps=None, is_global_text=None,
+                       pool_gt_token_only=False, num_token_look_close=None, smooth_selection_prob=False):
+        """Pre-training path (§7): one look-close step, then a (box-masked) attention pool."""
+        batch = low.pixel_values.shape[0]
+        self._check_prompt(prompt, batch)
+        self._check_gt(gt_selection_maps, batch)
+        if pool_gt_token_only and gt_selection_maps is None:
+            raise ValueError("pool_gt_token_only=True needs gt_selection_maps")
+        step_budget = sum(self.config.budget_each_scale)
+        tokens = num_token_look_close if num_token_look_close is not None and num_token_look_close <= step_budget else None
+        plan = self.plan(low.pixel_values, steps=[StepSpec(tokens=tokens)])
+        bottom_up = self.selection_probs(low)
+        top_down = self.selection_probs(low, prompt) if prompt is not None else None
+        probs = apply_gt_and_smoothing(top_down or bottom_up, gt_selection_maps, smooth_selection_prob)
+        step_maps = self._select(probs, plan, 1)
+        last = self.config.num_hidden_layers - 1
+        high = self._encode_selected(low, step_maps, plan, [last])[0]
+        mask = self._gt_token_mask(gt_selection_maps, step_maps[0]) if pool_gt_token_only else None
+        pooled = self.trunk.pool(high, mask)
+        if is_global_text is not None:
+            low_pooled = self.trunk.pool(low.hidden_states[-1])
+            pooled = torch.where(is_global_text.view(-1, 1).bool(), low_pooled, pooled)
+        return PS3VisionModelOutput(
+            pooled_output=pooled, selection_maps=step_maps[0], selection_probs=probs,
+            bottomup_selection_probs=bottom_up, topdown_selection_probs=top_down,
+        )
+
+    def _gt_token_mask(self, gt_selection_maps, maps) -> torch.Tensor:
+        """GT map (area-resized per scale) read at the selected patches, in token order."""
+        sizes = [tuple(m.shape[-2:]) for m in maps]
+        gts = resize_maps(gt_selection_maps, sizes, mode="area")
+        flat_gt = torch.cat([g.flatten(1) for g in gts], dim=1)
+        flat_sel = torch.cat([m.flatten(1) for m in maps], dim=1).bool()
+        return flat_gt[flat_sel].view(flat_sel.shape[0], -1) > 0
+
+    def format_features_into_feature_maps(self, features: torch.Tensor, selection_maps) -> list[torch.Tensor]:
+        """Scatter (B, N, C) tokens back into zero-filled (B, C, h, w) maps: low-res first, then each scale."""
+        batch, n, dim = features.shape
+        g = self.config.low_res_grid
+        maps = [torch.ones(batch, g, g, device=features.device)] + [m.to(features.device) for m in selection_maps]
+        flat = torch.cat([m.flatten(1) for m in maps], dim=1).bool()
+        counts = flat.sum(1)
+        if not torch.all(counts == n):
+            raise ValueError(f"features have {n} tokens but the selection maps select {counts.tolist()}")
+        full = features.new_zeros(batch, flat.shape[1], dim)
+        full[flat] = features.reshape(-1, dim)
+        out, start = [], 0
+        for m in maps:
+            h, w = m.shape[-2:]
+            out.append(full[:, start : start + h * w].transpose(1, 2).reshape(batch, dim, h, w))
+            start += h * w
+        return out
+
+    # --- input checks ---------------------------------------------------------------------------
+    def _check_pixels(self, pixel_values) -> None:
+        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a (batch, channels, height, width) tensor, got {shape}")
+        if pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels; the model expects {self.config.num_channels}"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+
+    def _check_prompt(self, prompt, batch: int) -> None:
+        if prompt is not None and (prompt.dim() != 2 or tuple(prompt.shape) != (batch, self.width)):
+            raise ValueError(f"prompt must have shape (batch, width) = ({batch}, {self.width}), got {tuple(prompt.shape)}")
+
+    def _check_gt(self, gt, batch: int) -> None:
+        if gt is not None and (gt.dim() != 3 or gt.shape[0] != batch):
+            raise ValueError(f"gt_selection_maps must have shape (batch, h, w) with batch={batch}, got {tuple(gt.shape)}")
+
+
+def _hw(hw) -> tuple[int, int]:
+    if torch.is_tensor(hw):
+        return tuple(hw.shape[-2:])
+    h, w = hw
+    return int(h), int(w)
+
+
+def _check_first_n(first_n, n_hi: int) -> None:
+    if first_n is not None and (isinstance(first_n, bool) or not isinstance(first_n, int) or not 1 <= first_n <= n_hi):
+        raise ValueError(f"only_select_first_n_scale must be an int in [1, {n_hi}], got {first_n!r}")
