@@ -1,0 +1,32 @@
+# Set-up and everyday commands. Every target that runs Python first makes sure .venv exists and holds
+# the package; the stamp file keeps re-runs fast (it is rebuilt only when the packaging files change).
+
+PY ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.vila-hd-installed
+# The CPU build of torch, installed only where the venv has no torch at all: an unpinned torch would pull
+# a multi-GB CUDA build. The package itself keeps a loose requirement (torch>=2.5).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv test lint demo clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "$(TORCH_SPEC)"
+	$(VPY) -m pip install -e '.[dev]' peft
+	@touch $(STAMP)
+
+test: venv
+	$(VPY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+demo: venv
+	$(VPY) -m vila_hd.demo --out outputs/demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Evaluation: benchmark runners, answer parsing and synthetic benchmarks."""

@@ -1,0 +1,1 @@
+"""Adapters for outside formats: LLaVA/VILA conversations, datasets and checkpoints."""

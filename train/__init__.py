@@ -1,0 +1,1 @@
+"""Training: stage recipes, data, losses, checkpoints and the trainer loop."""
