@@ -1,0 +1,94 @@
+"""PS3 image processor: squash-resize to the largest scale (bicubic), normalise, batch.
+
+Any input the safe loader accepts works (paths, bytes, PIL images of any mode, numpy arrays, tensors);
+EXIF orientation is honoured and decompression bombs are refused (``max_pixels``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from ..images import DEFAULT_MAX_PIXELS, load_image
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+class PS3ImageProcessor(BaseImageProcessor):
+    """Drop-in for the reference ``PS3ImageProcessor`` (same constructor and ``preprocessor_config.json``)."""
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] | None = None,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+        resize_mode: str | None = None,
+        interpolation: str | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        **kwargs,
+    ):
+        for derived in ("size", "crop_size", "image_mean", "image_std"):
+            kwargs.pop(derived, None)
+        super().__init__(**kwargs)
+        image_size = image_size if image_size is not None else 378
+        self.image_size = [image_size, image_size] if isinstance(image_size, int) else [int(s) for s in image_size]
+        self.mean = _triple(mean if mean is not None else 0.5, "mean")
+        self.std = _triple(std if std is not None else 0.5, "std")
+        self.resize_mode = resize_mode or "squash"
+        if self.resize_mode != "squash":
+            raise ValueError(f"resize_mode must be 'squash', got {self.resize_mode!r}")
+        self.interpolation = interpolation or "bicubic"
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+        self.max_pixels = max_pixels
+
+    # Names VILA-era code reads.
+    @property
+    def image_mean(self) -> list[float]:
+        return self.mean
+
+    @property
+    def image_std(self) -> list[float]:
+        return self.std
+
+    @property
+    def crop_size(self) -> dict:
+        return {"height": self.image_size[0], "width": self.image_size[1]}
+
+    def to_tensor(self, image) -> torch.Tensor:
+        """One image (any supported source) -> normalised (3, H, W) float tensor at ``image_size``."""
+        img = load_image(image, max_pixels=self.max_pixels)
+        height, width = self.image_size
+        if img.size != (width, height):
+            img = img.resize((width, height), resample=_RESAMPLE[self.interpolation])
+        array = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (array - mean) / std
+
+    def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("PS3ImageProcessor got an empty list of images")
+        pixel_values = torch.stack([self.to_tensor(image) for image in images])
+        return BatchFeature({"pixel_values": pixel_values}, tensor_type=None)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for derived in ("size", "crop_size", "image_mean", "image_std"):
+            out.pop(derived, None)
+        return out
+
+
+def _triple(value, name: str) -> list[float]:
+    values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != 3:
+        raise ValueError(f"{name} must be a number or three numbers, got {value!r}")
+    return values
