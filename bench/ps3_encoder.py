@@ -76,13 +76,12 @@ def highres_blocks_fn(enc, low, request):
     plan = enc.plan(low.pixel_values, **request)
     probs = enc.selection_probs(low)
     step_maps = enc._select(probs, plan, 1)
-    xs, bs, _ = enc._embed_steps(low.pixel_values, step_maps, plan)
+    xs, bs, _, owners = enc._embed_steps(low.pixel_values, step_maps, plan)
+    deepest = enc.config.num_hidden_layers - 1
 
     def run():
-        for x, b in zip(xs, bs):
-            for depth, blk in enumerate(enc.trunk.blocks):
-                k, v = low.kv_cache[depth]
-                x, _ = blk(x, (k[b], v[b]), False)
+        for x, b, owner in zip(xs, bs, owners):
+            enc._run_group(low, x, b, owner, deepest)
 
     groups = [(x.shape[0] * x.shape[1], x.shape[1]) for x in xs]
     return run, groups

@@ -263,3 +263,18 @@ def test_config_validation():
     cfg = PS3VisionConfig(model_name="vit_so400m_patch14_siglip_378", s3_scales=[378, 756, 1512, 3780])
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (1152, 27, 4304)
     assert cfg.ps3_scales == SCALES_4K and cfg.image_size == 3780
+
+
+@torch.no_grad()
+def test_position_cache_follows_weight_updates():
+    model = tiny_model(SCALES_15K, seed=3)
+    x = image((1512, 1512), seed=12)
+    before = model(x, num_look_close=1).last_hidden_state
+    again = model(x, num_look_close=1).last_hidden_state  # served from the cache
+    torch.testing.assert_close(before, again, rtol=0, atol=0)
+    model.vision_model.pos_emb_residual[0].add_(1.0)  # an in-place update (as an optimizer step does)
+    after = model(x, num_look_close=1).last_hidden_state
+    assert not torch.allclose(before[:, 729:], after[:, 729:])
+    fresh = tiny_model(SCALES_15K, seed=3)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x, num_look_close=1).last_hidden_state, after, rtol=1e-6, atol=1e-6)

@@ -44,7 +44,11 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with fused qkv and an optional low-res key/value prefix."""
+    """Multi-head self-attention with fused qkv and an optional low-res key/value prefix.
+
+    Keys and values stay token-major (B, N, C) so that the prefix is joined with one contiguous
+    copy, and SDPA reads q/k/v as strided head views (no transposed copies).
+    """
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -59,14 +63,18 @@ class Attention(nn.Module):
         kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_kv: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``kv_prefix``: (B or 1, M, C) keys and values prepended to this sequence's own."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.qkv(x).split(c, dim=-1)
         own_kv = (k, v) if return_kv else None
         if kv_prefix is not None:
-            k = torch.cat([kv_prefix[0], k], dim=2)
-            v = torch.cat([kv_prefix[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)
+            k = torch.cat([kv_prefix[0].expand(b, -1, -1), k], dim=1)
+            v = torch.cat([kv_prefix[1].expand(b, -1, -1), v], dim=1)
+        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), own_kv
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
 
 class Block(nn.Module):

@@ -122,6 +122,7 @@ class PS3VisionEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self._pos_cache: dict[int, tuple] = {}  # scale -> (weights key, interpolated table); inference only
         dim, n_hi = config.hidden_size, config.num_scales - 1
         self.trunk = PS3Trunk(config)
         sel_dim = dim * len(config.select_based_on_layer)
@@ -308,27 +309,50 @@ class PS3VisionEncoder(nn.Module):
         p = self.config.patch_size
         img = resize_image(pixel_values, self.image_size_scale_i(pixel_values, scale_idx))
         patches = F.unfold(img, kernel_size=p, stride=p).transpose(1, 2)
-        pos = resample_pos_embed(self.trunk.pos_embed, grid)
-        if self.config.separate_pos_emb:
-            pos = pos + crop_table(self.pos_emb_residual[scale_idx - 1], grid)
-        return patches, pos
+        return patches, self._scale_pos_embed(scale_idx, grid)
+
+    def _scale_pos_embed(self, scale_idx: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Interpolated position table (+ residual) of a scale; cached at inference while weights are unchanged."""
+        tables = [self.trunk.pos_embed] + ([self.pos_emb_residual[scale_idx - 1]] if self.config.separate_pos_emb else [])
+        key = (scale_idx, grid) + tuple((t.data_ptr(), t._version, t.dtype) for t in tables)
+        cached = self._pos_cache.get(scale_idx)
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
+        pos = resample_pos_embed(tables[0], grid)
+        if len(tables) > 1:
+            pos = pos + crop_table(tables[1], grid)
+        if not torch.is_grad_enabled():
+            self._pos_cache[scale_idx] = (key, pos)
+        return pos
 
     def _encode_selected(self, low, step_maps, plan, layers) -> list[torch.Tensor]:
         """Embed each step's patches, run every step as one batch (grouped by length), gather per layer."""
-        x, batch_idx, flat_idx = self._embed_steps(low.pixel_values, step_maps, plan)
+        x, batch_idx, flat_idx, owners = self._embed_steps(low.pixel_values, step_maps, plan)
         union = torch.cat([sum(m[i] for m in step_maps).flatten(1) for i in range(len(step_maps[0]))], dim=1)
         rank = union.cumsum(1).long() - 1
         total = int(union[0].sum().item())
         out = [x[0].new_zeros(union.shape[0], total, self.width) for _ in layers]
         deepest = max(layers)
-        for xg, bg, fg in zip(x, batch_idx, flat_idx):
+        for xg, bg, fg, owner in zip(x, batch_idx, flat_idx, owners):
             pos = rank[bg[:, None], fg]
-            for depth, blk in enumerate(self.trunk.blocks[: deepest + 1]):
-                k, v = low.kv_cache[depth]
-                xg, _ = self._run_block(blk, xg, (k[bg], v[bg]), False)
+
+            def keep(depth, h, bg=bg, pos=pos):
                 if depth in layers:
-                    out[layers.index(depth)][bg[:, None], pos] = xg.to(out[0].dtype)
+                    out[layers.index(depth)][bg[:, None], pos] = h.to(out[0].dtype)
+
+            self._run_group(low, xg, bg, owner, deepest, keep)
         return out
+
+    def _run_group(self, low, x, batch_idx, owner, deepest: int, keep=None) -> torch.Tensor:
+        """High-res blocks for one group of equal-length sequences against their images' low-res K/V."""
+        # A group whose sequences all belong to one image shares its K/V prefix by broadcasting.
+        pick = slice(owner, owner + 1) if owner is not None else batch_idx
+        for depth, blk in enumerate(self.trunk.blocks[: deepest + 1]):
+            k, v = low.kv_cache[depth]
+            x, _ = self._run_block(blk, x, (k[pick], v[pick]), False)
+            if keep is not None:
+                keep(depth, x)
+        return x
 
     def _embed_steps(self, pixel_values, step_maps, plan):
         """Token embeddings of every (instance, step) sequence, grouped by per-scale counts."""
@@ -347,8 +371,10 @@ class PS3VisionEncoder(nn.Module):
         for s in range(len(plan)):
             for b in range(batch):
                 groups.setdefault(tuple(plan[s]), []).append((s, b))
-        xs, bs, fs = [], [], []
+        xs, bs, fs, owners = [], [], [], []
         for signature, members in groups.items():
+            instances = {b for _, b in members}
+            owners.append(instances.pop() if len(instances) == 1 else None)
             b_idx = torch.tensor([b for _, b in members], device=pixel_values.device)
             tokens, flat = [], []
             for i in used:
@@ -361,7 +387,7 @@ class PS3VisionEncoder(nn.Module):
             xs.append(torch.cat(tokens, dim=1))
             bs.append(b_idx)
             fs.append(torch.cat(flat, dim=1))
-        return xs, bs, fs
+        return xs, bs, fs, owners
 
     # --- full forward ---------------------------------------------------------------------------
     def forward(
