@@ -1,0 +1,312 @@
+"""The VILA checkpoint layout (``llm/``, ``vision_tower/``, ``mm_projector/`` + a top ``config.json``):
+load it into :class:`~vila_hd.model.VilaHDForConditionalGeneration`, and export ours back to it.
+
+Layout (what the released ``nvidia/VILA-HD-*`` repositories hold)::
+
+    config.json     model_type "llava_topdown_llama", llm_cfg, vision_tower_cfg, mm_projector_cfg,
+                    hidden_size, mm_hidden_size, mm_vision_select_layer, ps3, look_close_mode,
+                    num_look_close, num_token_look_close, top_down_prompt_head_type, high_res_pos_embed,
+                    mm_low_res_token_num, mm_scale_num
+    llm/            HF causal LM + tokenizer (chat template, <image>)
+    vision_tower/   PS3 vision checkpoint (vision_model.* keys) + preprocessor_config.json
+    mm_projector/   config.json + model.safetensors (layers.1/2/4, top_down_prompt_head.*, ...)
+
+The layout is recognised from ``config.json`` fields, never from a path. Vision configs may name the
+scales ``s3_scales`` (VILA's pre-June-2025 name) or ``ps3_scales``. Weights are read from safetensors
+only; missing, unexpected or mis-shaped tensors raise an error that names them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+VILA_MODEL_TYPES = ("llava_topdown_llama", "llava_llama", "llava")
+VILA_PROJECTOR_NAMES = {
+    "mlp_downsample_2x2": "mlp_downsample_2x2_fix",
+    "mlp_downsample_3x3": "mlp_downsample_3x3_fix",
+    "linear": "linear",
+}
+SUBDIRS = ("llm", "vision_tower", "mm_projector")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model it should fill (names the offending keys)."""
+
+
+# --- detection and configuration ---------------------------------------------------------------------
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_vila_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path/config.json`` describes a VILA model (by ``model_type`` or its sub-config fields)."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.exists(cfg):
+        return False
+    top = _read_json(cfg)
+    return top.get("model_type") in VILA_MODEL_TYPES or all(k in top for k in ("llm_cfg", "vision_tower_cfg"))
+
+
+def _check_layout(path: str) -> dict[str, Any]:
+    if not is_vila_checkpoint(path):
+        raise CheckpointError(f"{path} is not a VILA checkpoint (config.json model_type not in {VILA_MODEL_TYPES})")
+    missing = [d for d in SUBDIRS if not os.path.isdir(os.path.join(path, d))]
+    if missing:
+        raise CheckpointError(f"VILA checkpoint {path} lacks the sub-directories {missing}")
+    return _read_json(os.path.join(path, "config.json"))
+
+
+def read_vision_config(vision_dir: str):
+    """PS3 vision config of ``vision_dir`` (a ``ps3_vision_model`` or full ``ps3`` config; ``s3_scales`` ok)."""
+    from vila_hd.ps3 import PS3VisionConfig
+
+    data = _read_json(os.path.join(vision_dir, "config.json"))
+    if data.get("model_type") == "ps3" or "vision_config" in data:
+        data = dict(data.get("vision_config") or {})
+    data = {k: v for k, v in data.items() if k not in ("model_type", "architectures", "transformers_version")}
+    return PS3VisionConfig(**data)
+
+
+def read_vila_config(path: str | os.PathLike):
+    """Translate a VILA checkpoint's configuration into a :class:`VilaHDConfig` (no weights read)."""
+    from transformers import AutoConfig
+
+    from vila_hd.model.configuration import VilaHDConfig
+
+    path = os.fspath(path)
+    top = _check_layout(path)
+    if not top.get("ps3", False):
+        raise CheckpointError(
+            f"{path}: config.json has ps3={top.get('ps3')!r}; only PS3 (VILA-HD) models are supported"
+        )
+    text_config = AutoConfig.from_pretrained(os.path.join(path, "llm"))
+    vision_config = read_vision_config(os.path.join(path, "vision_tower"))
+    proj_cfg_path = os.path.join(path, "mm_projector", "config.json")
+    proj_cfg = _read_json(proj_cfg_path) if os.path.exists(proj_cfg_path) else {}
+    projector_type = proj_cfg.get("mm_projector_type") or (top.get("mm_projector_cfg") or {}).get("mm_projector_type")
+    if projector_type is None:
+        raise CheckpointError(f"{path}: no mm_projector_type in mm_projector/config.json or config.json")
+    _check_sizes(path, top, text_config, vision_config)
+    mode = top.get("look_close_mode") or "after_image"
+    # VILA builds the prompt head only for top-down models.
+    head = top.get("top_down_prompt_head_type", "linear") if mode == "after_prompt" else None
+    tokens = top.get("num_token_look_close")
+    steps = None if tokens is not None else top.get("num_look_close", 1)
+    return VilaHDConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        projector_type=projector_type,
+        prompt_head_type=head,
+        high_res_pos_embed=bool(top.get("high_res_pos_embed", False)),
+        look_close_mode=mode,
+        num_look_close=steps,
+        num_token_look_close=tokens,
+        vision_feature_layer=int(top.get("mm_vision_select_layer", -2)),
+    )
+
+
+def _check_sizes(path: str, top: dict, text_config, vision_config) -> None:
+    expected = {
+        "hidden_size": text_config.hidden_size,
+        "mm_hidden_size": vision_config.hidden_size,
+        "mm_low_res_token_num": vision_config.low_res_token_num,
+        "mm_scale_num": len(vision_config.ps3_scales),
+    }
+    bad = [
+        f"{k}={top[k]} (the sub-checkpoints give {v})"
+        for k, v in expected.items()
+        if top.get(k) is not None and top[k] != v
+    ]
+    if bad:
+        raise CheckpointError(f"{path}: config.json disagrees with llm/ and vision_tower/: {', '.join(bad)}")
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def load_vila_processor(path: str | os.PathLike, config=None):
+    """Processor from ``llm/`` (tokenizer, chat template) and ``vision_tower/`` (image processor)."""
+    from transformers import AutoTokenizer
+
+    from vila_hd.processing import VilaHDProcessor, read_chat_template
+    from vila_hd.ps3 import PS3ImageProcessor
+
+    path = os.fspath(path)
+    config = config or read_vila_config(path)
+    llm_dir = os.path.join(path, "llm")
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    template = read_chat_template(llm_dir) or getattr(tokenizer, "chat_template", None)
+    image_processor = PS3ImageProcessor.from_pretrained(os.path.join(path, "vision_tower"))
+    return VilaHDProcessor.from_config(config, tokenizer, image_processor=image_processor, chat_template=template)
+
+
+def _dtype_kwargs(dtype) -> dict[str, Any]:
+    if dtype is None:
+        return {}
+    import transformers
+
+    name = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return {name: dtype}
+
+
+def _raise_on_loading_problems(component: str, info: dict[str, Any]) -> None:
+    """Turn ``from_pretrained``'s loading report into an error naming missing / mis-shaped tensors
+    (unexpected extras are tolerated: released checkpoints carry a few, e.g. PS3's text tower)."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in _mismatched(info.get("mismatched_keys"))]
+    if missing or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if mismatched:
+            parts.append(f"mismatched shapes (checkpoint vs model) {mismatched}")
+        raise CheckpointError(f"{component}: " + "; ".join(parts))
+
+
+def _mismatched(entries):
+    for entry in entries or []:
+        if isinstance(entry, (tuple, list)) and len(entry) == 3:
+            yield entry
+        else:  # some versions report bare names
+            yield (entry, (), ())
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], component: str) -> None:
+    """``load_state_dict`` that names missing, unexpected and mis-shaped tensors in one error."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if mismatched:
+            parts.append(f"mismatched shapes (checkpoint vs model) {mismatched}")
+        raise CheckpointError(f"{component}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
+    """All tensors of a directory's ``*.safetensors`` files (single or sharded); refuses pickles."""
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        pickled = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth"))]
+        hint = f" (found {pickled}; only safetensors are loaded)" if pickled else ""
+        raise CheckpointError(f"{directory} has no .safetensors weights{hint}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(directory, name)))
+    return state
+
+
+def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None):
+    """Load a VILA-layout checkpoint as a :class:`VilaHDForConditionalGeneration` (eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    from vila_hd.model.modeling import VilaHDForConditionalGeneration, default_attn_implementation
+    from vila_hd.ps3 import PS3VisionModel
+
+    path = os.fspath(path)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    config = read_vila_config(path)
+    processor = load_vila_processor(path, config)
+    llm, info = AutoModelForCausalLM.from_pretrained(
+        os.path.join(path, "llm"),
+        output_loading_info=True,
+        use_safetensors=True,
+        attn_implementation=default_attn_implementation(),
+        **_dtype_kwargs(dtype),
+    )
+    _raise_on_loading_problems("llm", info)
+    vision, info = PS3VisionModel.from_pretrained(
+        os.path.join(path, "vision_tower"),
+        config=config.vision_config,
+        output_loading_info=True,
+        use_safetensors=True,
+        **_dtype_kwargs(dtype),
+    )
+    _raise_on_loading_problems("vision_tower", info)
+    config.text_config = llm.config
+    config.vision_config = vision.config
+    config.image_token_id = processor.image_token_id
+    model = VilaHDForConditionalGeneration(config, vision_tower=vision, language_model=llm)
+    load_state_strict(model.mm_projector, read_safetensors_dir(os.path.join(path, "mm_projector")), "mm_projector")
+    target = dtype if isinstance(dtype, torch.dtype) else next(llm.parameters()).dtype
+    model.mm_projector.to(target)
+    model.set_generation_defaults(processor)
+    if device is not None and not isinstance(device, dict):
+        model.to(device)
+    return model.eval()
+
+
+# --- export ------------------------------------------------------------------------------------------
+def vila_top_config(model) -> dict[str, Any]:
+    """The VILA top-level ``config.json`` for ``model``."""
+    cfg = model.config
+    vision, text = model.vision_tower.config, model.language_model.config
+    projector = {
+        "architectures": ["MultimodalProjector"],
+        "model_type": "v2l_projector",
+        "mm_projector_type": VILA_PROJECTOR_NAMES[cfg.projector_type],
+    }
+    dtype = next(model.language_model.parameters()).dtype
+    return {
+        "architectures": ["LlavaTopDownLlamaModel"],
+        "model_type": "llava_topdown_llama",
+        "llm_cfg": text.to_dict(),
+        "vision_tower_cfg": vision.to_dict(),
+        "mm_projector_cfg": projector,
+        "hidden_size": text.hidden_size,
+        "mm_hidden_size": vision.hidden_size,
+        "mm_vision_select_layer": cfg.vision_feature_layer,
+        "mm_vision_select_feature": "cls_patch",
+        "image_aspect_ratio": "resize",
+        "ps3": True,
+        "look_close_mode": cfg.look_close_mode,
+        "num_look_close": cfg.num_look_close,
+        "num_token_look_close": cfg.num_token_look_close,
+        "top_down_prompt_head_type": cfg.prompt_head_type or "linear",
+        "high_res_pos_embed": cfg.high_res_pos_embed,
+        "mm_low_res_token_num": vision.low_res_token_num,
+        "mm_scale_num": len(vision.ps3_scales),
+        "model_dtype": str(dtype),
+    }
+
+
+def export_vila_checkpoint(model, processor, out_dir: str | os.PathLike) -> None:
+    """Write ``model`` (+ its processor's tokenizer, template and image processor) in the VILA layout."""
+    from vila_hd.processing import write_chat_template
+
+    out_dir = os.fspath(out_dir)
+    if model.config.look_close_mode == "after_prompt" and model.mm_projector.top_down_prompt_head is None:
+        raise CheckpointError("a top-down (after_prompt) model needs a prompt head to be exported to VILA")
+    os.makedirs(out_dir, exist_ok=True)
+    llm_dir, vision_dir, proj_dir = (os.path.join(out_dir, d) for d in SUBDIRS)
+    model.language_model.save_pretrained(llm_dir, safe_serialization=True)
+    processor.tokenizer.chat_template = processor.chat_template
+    processor.tokenizer.save_pretrained(llm_dir)
+    write_chat_template(llm_dir, processor.chat_template)
+    model.vision_tower.save_pretrained(vision_dir, safe_serialization=True)
+    processor.image_processor.save_pretrained(vision_dir)
+    os.makedirs(proj_dir, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.mm_projector.state_dict().items()}
+    if model.config.look_close_mode != "after_prompt":  # VILA has no head on bottom-up models
+        state = {k: v for k, v in state.items() if not k.startswith("top_down_prompt_head.")}
+    save_file(state, os.path.join(proj_dir, "model.safetensors"), metadata={"format": "pt"})
+    top = vila_top_config(model)
+    with open(os.path.join(proj_dir, "config.json"), "w") as f:
+        json.dump(top["mm_projector_cfg"], f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(top, f, indent=2, default=str)

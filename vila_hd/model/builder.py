@@ -1,0 +1,98 @@
+"""Assemble a fresh VILA-HD model from a PS3 checkpoint and an LLM checkpoint (the start of stage 1).
+
+The vision tower and the LLM keep their pretrained weights; the projector and the prompt head are
+freshly initialised. The tokenizer gets the ``<image>`` token if it lacks one (the LLM's embeddings are
+resized to match) and a chat template of its family if it ships none.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def build_vila_hd(
+    ps3: str | os.PathLike,
+    llm: str | os.PathLike,
+    *,
+    projector_type: str = "mlp_downsample_2x2",
+    prompt_head_type: str | None = "mlp",
+    high_res_pos_embed: bool = False,
+    look_close_mode: str = "after_prompt",
+    num_look_close: int | str | None = 6,
+    num_token_look_close: int | None = None,
+    select_num_each_scale: list[int] | None = None,
+    vision_feature_layer: int = -2,
+    max_select_num: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    chat_template: str | None = None,
+    image_token: str = "<image>",
+    seed: int | None = None,
+    **hub_kwargs: Any,
+):
+    """Return ``(model, processor)`` for a new VILA-HD model.
+
+    Args:
+        ps3: PS3 checkpoint (directory or Hub id, e.g. ``nvidia/PS3-4K-SigLIP2``; a full ``ps3`` or a
+            vision-only ``ps3_vision_model`` checkpoint).
+        llm: causal-LM checkpoint (directory or Hub id, e.g. ``Qwen/Qwen2-7B-Instruct``).
+        max_select_num: per-step patch budget of PS3 (the released models use 2560).
+        Others: :class:`~vila_hd.model.configuration.VilaHDConfig` fields.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llava_compat.vila_checkpoint import _dtype_kwargs, read_vision_config
+    from vila_hd.model.configuration import VilaHDConfig
+    from vila_hd.model.hub import resolve_model_dir
+    from vila_hd.model.modeling import VilaHDForConditionalGeneration, default_attn_implementation
+    from vila_hd.processing import VilaHDProcessor
+    from vila_hd.ps3 import PS3ImageProcessor, PS3VisionModel
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    ps3_dir = resolve_model_dir(ps3, kind="model", **hub_kwargs)
+    vision_config = read_vision_config(ps3_dir)
+    if max_select_num is not None:
+        vision_config.max_select_num = max_select_num
+    vision = PS3VisionModel.from_pretrained(ps3_dir, config=vision_config, use_safetensors=True, **_dtype_kwargs(dtype))
+    tokenizer = AutoTokenizer.from_pretrained(llm, **hub_kwargs)
+    language_model = AutoModelForCausalLM.from_pretrained(
+        llm,
+        use_safetensors=True,
+        attn_implementation=default_attn_implementation(),
+        **_dtype_kwargs(dtype),
+        **hub_kwargs,
+    )
+    if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
+        tokenizer.add_tokens([image_token], special_tokens=True)
+    if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
+        language_model.resize_token_embeddings(len(tokenizer))
+    config = VilaHDConfig(
+        vision_config=vision.config,
+        text_config=language_model.config,
+        projector_type=projector_type,
+        prompt_head_type=prompt_head_type,
+        high_res_pos_embed=high_res_pos_embed,
+        look_close_mode=look_close_mode,
+        num_look_close=num_look_close,
+        num_token_look_close=num_token_look_close,
+        select_num_each_scale=select_num_each_scale,
+        vision_feature_layer=vision_feature_layer,
+        image_token=image_token,
+        image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = VilaHDForConditionalGeneration(config, vision_tower=vision, language_model=language_model)
+    model.mm_projector.to(next(language_model.parameters()).dtype)
+    try:
+        image_processor = PS3ImageProcessor.from_pretrained(ps3_dir)
+    except OSError:  # a checkpoint without preprocessor_config.json: the PS3 defaults
+        image_processor = PS3ImageProcessor(image_size=vision.config.ps3_scales[-1])
+    processor = VilaHDProcessor.from_config(
+        config, tokenizer, image_processor=image_processor, chat_template=chat_template
+    )
+    model.set_generation_defaults(processor)
+    return model, processor
