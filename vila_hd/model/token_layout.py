@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from vila_hd.ps3.selection import plan_steps, resolve_steps
+from vila_hd.ps3.geometry import highres_grids, plan_selection
 
 LookClose = int | str | None
 
@@ -119,21 +119,8 @@ class ImageTokenLayout:
 
 
 def highres_grid_sizes(ps3_scales: Sequence[int], patch_size: int, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
-    """Patch grid of each high-res scale for an input of size ``image_hw`` (PS3 §2 geometry: the long side
-    is ``scales[0] * zoom``, the short side keeps the aspect ratio rounded down to whole patches).
-
-    Same arithmetic as ``PS3VisionEncoder.feature_size_scale_i`` (checked by the tests)."""
-    h, w = int(image_hw[0]), int(image_hw[1])
-    base, p = ps3_scales[0], patch_size
-    grids = []
-    for scale in ps3_scales[1:]:
-        zoom = scale // base
-        if h >= w:
-            size = (base * zoom, max(int(base / h * w) // p, 1) * p * zoom)
-        else:
-            size = (max(int(base / w * h) // p, 1) * p * zoom, base * zoom)
-        grids.append((max(size[0] // p, 1), max(size[1] // p, 1)))
-    return grids
+    """Patch grid of each high-res scale for an input of size ``image_hw`` (PS3 §2 geometry)."""
+    return highres_grids(ps3_scales, patch_size, image_hw)
 
 
 def image_token_layout(
@@ -165,10 +152,8 @@ def image_token_layout(
         bad = [g for g in grids if g[0] % r or g[1] % r]
         if bad:
             raise ValueError(f"the {r}x{r} projector needs high-res grids divisible by {r}; got {bad} for {image_hw}")
-    counted = grids if only_select_first_n_scale is None else grids[:only_select_first_n_scale]
-    max_tokens = sum(h * w for h, w in counted)
-    steps = resolve_steps(max_tokens, sum(spec.budget_each_scale), num_look_close, num_token_look_close)
-    plan = plan_steps(grids, spec.budget_each_scale, steps, only_select_first_n_scale, group_size=r)
+    plan = plan_selection(spec.ps3_scales, spec.patch_size, spec.budget_each_scale, image_hw, num_look_close,
+                          num_token_look_close, only_select_first_n_scale, selection_group_size=r)
     selected = [sum(step[i] for step in plan) for i in range(len(grids))]
     return ImageTokenLayout(
         image_hw=image_hw,

@@ -23,13 +23,12 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
 from .configuration import PS3VisionConfig
+from .geometry import highres_grids, plan_selection, scale_grid_size, scale_image_size
 from .layers import AttentionPoolLatent, Block, Mlp, PatchEmbed, ShallowConvNet
 from .selection import (
     StepSpec,
     apply_gt_and_smoothing,
-    plan_steps,
     resize_maps,
-    resolve_steps,
     select_step,
     selection_probs_from_logits,
 )
@@ -152,24 +151,14 @@ class PS3VisionEncoder(nn.Module):
 
     def image_size_scale_i(self, hw, scale_idx: int) -> tuple[int, int]:
         """Pixel size of scale ``scale_idx`` for an input of size ``hw`` (a tensor or (H, W))."""
-        scales, p = self.config.ps3_scales, self.config.patch_size
-        base = scales[0]
-        if scale_idx == 0:
-            return (base, base)
-        h, w = _hw(hw)
-        zoom = scales[scale_idx] // base
-        if h >= w:
-            return (base * zoom, max(int(base / h * w) // p, 1) * p * zoom)
-        return (max(int(base / w * h) // p, 1) * p * zoom, base * zoom)
+        return scale_image_size(self.config.ps3_scales, self.config.patch_size, _hw(hw), scale_idx)
 
     def feature_size_scale_i(self, hw, scale_idx: int) -> tuple[int, int]:
         """Patch grid (h, w) of scale ``scale_idx``."""
-        h, w = self.image_size_scale_i(hw, scale_idx)
-        p = self.config.patch_size
-        return (max(h // p, 1), max(w // p, 1))
+        return scale_grid_size(self.config.ps3_scales, self.config.patch_size, _hw(hw), scale_idx)
 
     def highres_grids(self, hw) -> list[tuple[int, int]]:
-        return [self.feature_size_scale_i(hw, i) for i in range(1, self.config.num_scales)]
+        return highres_grids(self.config.ps3_scales, self.config.patch_size, _hw(hw))
 
     def max_highres_token_num(self, hw, only_select_first_n_scale: int | None = None) -> int:
         grids = self.highres_grids(hw)
@@ -180,19 +169,9 @@ class PS3VisionEncoder(nn.Module):
     def plan(self, hw, num_look_close=None, num_token_look_close=None, only_select_first_n_scale=None,
              selection_group_size: int = 1, steps: list[StepSpec] | None = None) -> list[list[int]]:
         """Patches selected per step and scale, ``plan[step][scale]`` (no forward pass needed)."""
-        _check_first_n(only_select_first_n_scale, self.config.num_scales - 1)
-        grids = self.highres_grids(hw)
-        if selection_group_size > 1:
-            bad = [g for g in grids if g[0] % selection_group_size or g[1] % selection_group_size]
-            if bad:
-                raise ValueError(f"selection_group_size={selection_group_size} does not divide the patch grids {bad}")
-        if steps is None:
-            steps = resolve_steps(
-                self.max_highres_token_num(hw, only_select_first_n_scale),
-                sum(self.config.budget_each_scale),
-                num_look_close, num_token_look_close,
-            )
-        return plan_steps(grids, self.config.budget_each_scale, steps, only_select_first_n_scale, selection_group_size)
+        cfg = self.config
+        return plan_selection(cfg.ps3_scales, cfg.patch_size, cfg.budget_each_scale, _hw(hw), num_look_close,
+                              num_token_look_close, only_select_first_n_scale, selection_group_size, steps)
 
     def num_selected_patches(self, hw, num_look_close=None, num_token_look_close=None,
                              only_select_first_n_scale=None, selection_group_size: int = 1) -> int:
@@ -492,8 +471,3 @@ def _hw(hw) -> tuple[int, int]:
         return tuple(hw.shape[-2:])
     h, w = hw
     return int(h), int(w)
-
-
-def _check_first_n(first_n, n_hi: int) -> None:
-    if first_n is not None and (isinstance(first_n, bool) or not isinstance(first_n, int) or not 1 <= first_n <= n_hi):
-        raise ValueError(f"only_select_first_n_scale must be an int in [1, {n_hi}], got {first_n!r}")
