@@ -1,0 +1,35 @@
+"""Benchmark runners, one per publisher format. ``build_benchmark(name, path, ...)`` picks one by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eval.benchmarks.base import Benchmark, FormatError, Sample
+from eval.benchmarks.hrbench import HRBench
+from eval.benchmarks.jsonl import FourKProBenchmark, JsonlBenchmark
+from eval.benchmarks.mme_realworld import MMERealWorld
+from eval.benchmarks.textvqa import TextVQA
+from eval.benchmarks.vstar import VStarBench
+
+BENCHMARKS: dict[str, type[Benchmark]] = {
+    "vstar": VStarBench,
+    "hrbench": HRBench,
+    "mme-realworld": MMERealWorld,
+    "textvqa": TextVQA,
+    "4kpro": FourKProBenchmark,
+    "jsonl": JsonlBenchmark,
+}
+ALIASES = {"hrbench4k": "hrbench", "hrbench8k": "hrbench", "hr-bench": "hrbench", "mme_realworld": "mme-realworld",
+           "mmerealworld": "mme-realworld", "vstarbench": "vstar", "v*": "vstar", "custom": "jsonl",
+           "synthetic": "jsonl"}
+
+
+def build_benchmark(name: str, path: str, **kwargs: Any) -> Benchmark:
+    """The runner ``name`` (see :data:`BENCHMARKS`; a few aliases accepted) on the data at ``path``."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+    return BENCHMARKS[key](path, **kwargs)
+
+
+__all__ = ["BENCHMARKS", "Benchmark", "FormatError", "Sample", "build_benchmark"]

@@ -1,0 +1,190 @@
+"""Command lines of the evaluation package: ``eval_main`` (``vila-hd eval``) and ``synth_main`` (``vila-hd synth``).
+
+    vila-hd eval --benchmark vstar --data vstar_bench/ --model DIR_OR_HUB_ID --output outputs/eval/vstar
+    vila-hd eval --benchmark hrbench --data hr_bench_4k.tsv --model M --output out/hr4k --sweep steps=1,2,4,6
+    vila-hd eval --benchmark textvqa --data TextVQA_0.5.1_val.json --replies answers.jsonl --output out/tvqa
+    torchrun --nproc-per-node 8 -m eval.cli eval --benchmark mme-realworld --data MME_RealWorld.json --model M ...
+    vila-hd synth --out data/synth --image-size 1512 --low-res 378 --train 1000 --test 200
+
+Run the same ``eval`` command again to resume an interrupted run. Benchmarks, formats and outputs:
+docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from eval.benchmarks import ALIASES, BENCHMARKS, FormatError, build_benchmark
+
+GENERATION_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
+                     "top_k": "top_k", "steps": "steps", "tokens": "tokens", "mode": "mode"}
+REPLY_KEYS = ("prediction", "text", "response", "output", "answer")
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    from vila_hd.cli import add_generation_arguments
+
+    parser = argparse.ArgumentParser(prog="vila-hd eval", description=__doc__.split("\n\n")[0],
+                                     epilog="Formats, scoring rules and outputs: docs/evaluation.md.")
+    data = parser.add_argument_group("benchmark")
+    data.add_argument("--benchmark", required=True, metavar="NAME",
+                      help=f"one of {', '.join(sorted(BENCHMARKS))} (aliases: {', '.join(sorted(ALIASES))})")
+    data.add_argument("--data", required=True, metavar="PATH", help="the benchmark file or folder, as published")
+    data.add_argument("--image-root", metavar="DIR", help="image folder (default: next to the data file)")
+    data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="bench_options",
+                      help="benchmark option, e.g. rule=fixed (mme-realworld), questions=FILE (textvqa), "
+                           "metric=contains (jsonl)")
+    data.add_argument("--instruction", help="replace the benchmark's answer instruction in the prompts")
+    data.add_argument("--limit", type=_positive, metavar="N", help="only the first N samples")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output", required=True, metavar="DIR", help="output folder (resumed when it exists)")
+    run.add_argument("--mc-mode", choices=["generate", "likelihood"], default="generate",
+                     help="multiple choice: parse the generated reply, or pick the option with the lowest mean "
+                          "loss (V*Bench's protocol) (default: %(default)s)")
+    run.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                     help="run at several selection budgets, e.g. steps=1,2,4,6 or tokens=2000,4000; writes "
+                          "sweep.json / sweep.md / sweep.png")
+    run.add_argument("--retry-errors", action="store_true", help="redo samples that failed in an earlier run")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model = parser.add_argument_group("model (or --replies)")
+    model.add_argument("--model", metavar="DIR_OR_HUB_ID", help="checkpoint directory or Hub id")
+    model.add_argument("--replies", metavar="FILE",
+                       help="score saved replies instead of running a model: JSONL of {id, prediction} "
+                            "(a samples.jsonl of an earlier run works)")
+    model.add_argument("--adapter", metavar="DIR_OR_HUB_ID", help="LoRA adapter to apply on --model")
+    model.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda:LOCAL_RANK under torchrun, else auto)")
+    model.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    model.add_argument("--device-map", metavar="MAP", help="'auto' spreads the model over the visible GPUs")
+    model.add_argument("--load-4bit", action="store_true", help="4-bit LLM weights (bitsandbytes, CUDA)")
+    add_generation_arguments(parser)
+    parser.set_defaults(max_new_tokens=64)
+    return parser
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """``vila-hd eval``: returns the exit code (2 for bad arguments, 1 for a failed run)."""
+    from eval.harness import distributed_rank_world, run_benchmark, summary_markdown
+    from eval.sweep import parse_budgets, run_sweep, sweep_markdown
+
+    parser = build_eval_parser()
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.replies is None):
+        parser.error("give --model (run a model) or --replies (score saved replies), not both")
+    if args.replies and (args.sweep or args.mc_mode == "likelihood"):
+        parser.error("--sweep and --mc-mode likelihood need a model (--model)")
+    try:
+        budgets = parse_budgets(args.sweep) if args.sweep else None
+        options = _key_values(args.bench_options)
+        benchmark = build_benchmark(args.benchmark, args.data, image_root=args.image_root,
+                                    instruction=args.instruction, **options)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        parser.error(str(err))
+    try:
+        benchmark.samples()  # a malformed file fails here, before a model is loaded
+        predictor, replies, run_info = _model_or_replies(args)
+        if predictor is None and replies is None:
+            return 1
+        common = dict(predictor=predictor, replies=replies, limit=args.limit, mc_mode=args.mc_mode,
+                      retry_errors=args.retry_errors, run_info=run_info, progress=not args.no_progress)
+        generation = generation_dict(args)
+        if budgets:
+            result = run_sweep(benchmark, args.output, budgets, generation=generation, **common)
+            if result is not None:
+                print(sweep_markdown(result), end="")
+            return 0
+        summary = run_benchmark(benchmark, args.output, generation=generation, **common)
+    except (FormatError, FileNotFoundError, ValueError, ImportError) as err:
+        print(f"vila-hd eval: error: {err}", file=sys.stderr)
+        return 1
+    if summary is not None:
+        print(summary_markdown(summary), end="")
+    else:
+        rank, world = distributed_rank_world()
+        print(f"rank {rank}/{world} done; the last process to finish writes the summary", file=sys.stderr)
+    return 0
+
+
+def generation_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation options given on the command line (unset ones left to the checkpoint)."""
+    return {name: getattr(args, attr) for name, attr in GENERATION_FIELDS.items() if getattr(args, attr) is not None}
+
+
+def _model_or_replies(args: argparse.Namespace):
+    if args.replies:
+        return None, read_replies(args.replies), {"replies_file": os.path.abspath(args.replies)}
+    from eval.predictor import EnginePredictor
+    from vila_hd.cli import load_engine
+
+    if args.device is None and args.device_map is None and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    engine = load_engine(args, "vila-hd eval")
+    if engine is None:
+        return None, None, None
+    return EnginePredictor(engine), None, {"model": args.model, "adapter": args.adapter}
+
+
+def read_replies(path: str) -> dict[str, str]:
+    """``{id: reply}`` from a JSONL with ``id`` and one of ``prediction`` / ``text`` / ``response`` / ``output``."""
+    replies = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FormatError(f"{path} line {number} is not valid JSON: {err}") from None
+            key = next((k for k in REPLY_KEYS if isinstance(record, dict) and isinstance(record.get(k), str)), None)
+            if key is None or "id" not in record:
+                raise FormatError(f"{path} line {number}: expected an object with 'id' and one of {REPLY_KEYS}")
+            replies[str(record["id"])] = record[key]
+    return replies
+
+
+def _key_values(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def synth_main(argv: Sequence[str] | None = None) -> int:
+    """``vila-hd synth``: generate the synthetic high-resolution benchmark (``eval.synthetic``)."""
+    from eval.synthetic import main
+
+    return main(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m eval.cli eval ...`` / ``python -m eval.cli synth ...`` (also under torchrun)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"eval": eval_main, "synth": synth_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m eval.cli {eval,synth} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
