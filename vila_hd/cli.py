@@ -1,0 +1,226 @@
+"""``vila-hd``: one entry point, one subcommand per job. Dispatch only; the work lives in the modules.
+
+    vila-hd chat --model DIR_OR_HUB_ID [--image PATH ...] [--prompt TEXT [--json]]
+    vila-hd infer --model DIR_OR_HUB_ID --input questions.jsonl --output answers.jsonl
+    vila-hd demo | convert | train | finetune-lora | merge-lora | data | eval | synth ...
+                           forwarded to the function that parses them (see FORWARDED)
+
+Bad arguments exit with code 2 (argparse's message); a model that cannot be loaded, or any other
+failure of a command, prints ``vila-hd <command>: error: ...`` and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from vila_hd import __version__
+
+# Subcommands whose own function parses their arguments: ``vila-hd NAME ARGS`` calls ``module.function(ARGS)``.
+FORWARDED = {
+    "train": ("train.cli", "train_main", "train one VILA-HD stage from its YAML recipe"),
+    "finetune-lora": ("train.cli", "finetune_lora_main", "LoRA fine-tuning (adapters keep the projector)"),
+    "merge-lora": ("train.cli", "merge_lora_main", "fold a LoRA adapter into its base checkpoint"),
+    "data": ("train.cli", "data_main", "data tools (`vila-hd data check`)"),
+    "eval": ("eval.cli", "eval_main", "run benchmarks"),
+    "synth": ("eval.cli", "synth_main", "generate the synthetic high-resolution benchmark"),
+    "convert": ("llava_compat.convert", "main", "convert checkpoints between the VILA layout and our single directory"),
+    "demo": ("vila_hd.demo", "main", "encode a generated high-res image with PS3 and save the selection heatmap"),
+}
+
+
+# --- argument types (argparse turns their ValueErrors into exit code 2 with the message) -------------------
+def look_close_arg(value: str) -> int | str:
+    """A non-negative integer or ``all``."""
+    if value == "all":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'all', got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'all', got {value!r}")
+    return number
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
+def probability(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}")
+    return number
+
+
+# --- options shared by the commands that load a model ----------------------------------------------------
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR_OR_HUB_ID",
+        help="checkpoint directory or Hub id (our layout or VILA's); a LoRA adapter directory works "
+        "too (its base comes from adapter_config.json)",
+    )
+    group.add_argument("--adapter", metavar="DIR_OR_HUB_ID", help="LoRA adapter to apply on --model")
+    group.add_argument("--device", help="cuda, cuda:1, cpu, mps... (default: cuda if available, else cpu)")
+    group.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="weights dtype (default auto: bfloat16 on a GPU, float32 on the CPU)",
+    )
+    group.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="'auto' spreads the model over all visible GPUs (accelerate); overrides --device",
+    )
+    group.add_argument(
+        "--load-4bit", action="store_true", help="4-bit LLM weights with bitsandbytes (needs a CUDA GPU)"
+    )
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="most tokens per answer (default: %(default)s)",
+    )
+    group.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        metavar="T",
+        help="0 decodes greedily (reproducible); > 0 samples (default: the checkpoint's "
+        "generation config, greedy when it sets nothing)",
+    )
+    group.add_argument("--top-p", type=probability, metavar="P", help="nucleus sampling threshold")
+    group.add_argument("--top-k", type=positive_int, metavar="K", help="top-k sampling")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--steps",
+        type=look_close_arg,
+        metavar="N|all",
+        help="PS3 look-close steps per image (default: the checkpoint's)",
+    )
+    budget.add_argument(
+        "--tokens",
+        type=look_close_arg,
+        metavar="N|all",
+        help="high-res patches to select per image, instead of --steps",
+    )
+    group.add_argument(
+        "--mode",
+        choices=["top-down", "bottom-up"],
+        help="top-down: the question steers patch selection; bottom-up: image saliency only "
+        "(default: the checkpoint's)",
+    )
+    group.add_argument("--seed", type=int, help="seed for sampling")
+
+
+def generation_options(args: argparse.Namespace):
+    from vila_hd.engine import GenerationOptions
+
+    return GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_look_close=args.steps,
+        num_token_look_close=args.tokens,
+        look_close_mode=args.mode,
+    )
+
+
+def load_engine(args: argparse.Namespace, prog: str):
+    """The engine for ``args``, or ``None`` after printing why it could not be loaded."""
+    import torch
+
+    from vila_hd.engine import Engine
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    print(
+        f"loading {args.model}" + (f" with adapter {args.adapter}" if args.adapter else "") + " ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        return Engine.from_pretrained(
+            args.model,
+            args.adapter,
+            options=generation_options(args),
+            device=args.device,
+            dtype=args.dtype,
+            device_map=args.device_map,
+            load_4bit=args.load_4bit,
+        )
+    except (OSError, ValueError, ImportError, RuntimeError) as err:
+        print(f"{prog}: error: cannot load the model: {err}", file=sys.stderr)
+        return None
+
+
+# --- the entry point ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from vila_hd import chat, infer
+
+    parser = argparse.ArgumentParser(
+        prog="vila-hd",
+        description="VILA-HD: high-resolution multimodal LLM on the PS3 vision encoder.",
+        epilog="`vila-hd COMMAND --help` describes each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"vila-hd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (chat, infer):
+        sub = commands.add_parser(
+            module.COMMAND,
+            help=module.HELP,
+            description=module.__doc__,
+            epilog=getattr(module, "EPILOG", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    for name, (_, _, help_text) in FORWARDED.items():  # listed for --help; dispatched before parsing
+        commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``vila-hd ARGV``; returns the exit code (argparse exits with 2 on bad arguments)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        module, function, _ = FORWARDED[argv[0]]
+        code = getattr(importlib.import_module(module), function)(argv[1:])
+        return code if isinstance(code, int) else 0
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
