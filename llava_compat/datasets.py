@@ -1,0 +1,399 @@
+"""Training data as the outside world ships it: LLaVA JSON / JSONL, Hugging Face ``datasets`` in the
+``messages`` + ``images`` form, a YAML dataset registry and mixtures.
+
+Every source yields :class:`RawSample` records (``id``, chat ``messages`` with ``<image>`` placeholders,
+image references, optional boxes); nothing here tokenizes, decodes images or knows about models.
+
+LLaVA records: ``{"id", "image": path | [paths], "conversations": [{"from": "human"|"gpt"|"system",
+"value": str}], "box": [x1, y1, x2, y2] | [[...] | null per image]}`` (boxes in original pixels).
+``messages`` records: ``{"id"?, "messages": [{"role", "content": str | typed parts}], "images": [path |
+PIL image | {"bytes", "path"}], "box"?}``.
+
+Registry YAML (paths relative to the registry file)::
+
+    llava_sft:
+      path: data/llava_v1_5_mix665k.json     # .json / .jsonl (LLaVA), .parquet, a saved dataset directory
+      media: data/images                      # folder the image paths are relative to
+      format: llava                           # llava | messages (default: llava for .json/.jsonl)
+
+Mixtures: ``a+b*3+c@0.5`` -- ``*N`` repeats a dataset N times, ``@F`` keeps a fixed pseudo-random fraction
+F of it (chosen with the mixture seed; both may be combined, ``c@0.5*2``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llava_compat.conversation import IMAGE_TOKEN, flatten_messages, llava_to_messages
+
+FORMATS = ("llava", "messages")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be trained on; ``reason`` is one of :data:`REASONS`, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# Reasons a sample is rejected (the vocabulary of `vila-hd data check` and of the training skip counters).
+MISSING_IMAGE = "missing image"
+UNREADABLE_IMAGE = "unreadable image"
+PATH_ESCAPES = "image path escapes the media folder"
+PLACEHOLDER_MISMATCH = "placeholder/image count mismatch"
+MALFORMED = "malformed turns"
+EMPTY = "empty conversation"
+NO_TARGET = "no assistant turn to train on"
+TOO_LONG = "too long after image-token expansion"
+BAD_BOX = "bad box"
+REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE, PATH_ESCAPES, PLACEHOLDER_MISMATCH, MALFORMED, EMPTY, NO_TARGET,
+           TOO_LONG, BAD_BOX)
+
+
+@dataclass
+class RawSample:
+    """One sample in a source-independent form."""
+
+    id: str
+    messages: list[dict[str, str]]  # role/content, content with <image> placeholders
+    images: list[Any] = field(default_factory=list)  # resolved paths, PIL images or bytes
+    boxes: list[list[float] | None] = field(default_factory=list)  # per image, original pixels, or None
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registry entry."""
+
+    name: str
+    path: str
+    media: str | None = None
+    format: str = "llava"
+
+
+# --- registry -------------------------------------------------------------------------------------
+def _guess_format(path: str) -> str:
+    return "llava" if path.endswith((".json", ".jsonl")) else "messages"
+
+
+def make_entry(name: str, spec: dict[str, Any], base_dir: str | None = None) -> DatasetEntry:
+    """Validate one registry entry; relative paths are taken from ``base_dir``."""
+    if not isinstance(spec, dict) or "path" not in spec:
+        raise ValueError(f"dataset {name!r}: an entry needs at least 'path' (got {spec!r})")
+    unknown = set(spec) - {"path", "media", "format", "description"}
+    if unknown:
+        raise ValueError(f"dataset {name!r}: unknown field(s) {sorted(unknown)}; known: path, media, format, description")
+
+    def resolve(p):
+        if p is None:
+            return None
+        p = os.path.expanduser(str(p))
+        return p if os.path.isabs(p) or base_dir is None else os.path.normpath(os.path.join(base_dir, p))
+
+    path = resolve(spec["path"])
+    fmt = spec.get("format") or _guess_format(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"dataset {name!r}: format must be one of {FORMATS}, got {fmt!r}")
+    return DatasetEntry(name=name, path=path, media=resolve(spec.get("media")), format=fmt)
+
+
+def load_registry(path: str | os.PathLike) -> dict[str, DatasetEntry]:
+    """Read a registry YAML (name -> path, media, format); paths are relative to the YAML file."""
+    import yaml
+
+    path = os.fspath(path)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a dataset registry is a mapping name -> {{path, media, format}}")
+    data = data.get("datasets", data)
+    base = os.path.dirname(os.path.abspath(path))
+    return {str(name): make_entry(str(name), spec, base) for name, spec in data.items()}
+
+
+# --- mixtures -------------------------------------------------------------------------------------
+_TERM = re.compile(r"^(?P<name>[A-Za-z0-9_.\-/]+?)(?P<mods>([*@][0-9.]+)*)$")
+
+
+@dataclass(frozen=True)
+class MixtureTerm:
+    name: str
+    repeat: int = 1
+    fraction: float = 1.0
+
+
+def parse_mixture(text: str) -> list[MixtureTerm]:
+    """``"a+b*3+c@0.5"`` -> terms (repeats are integers >= 1, fractions in (0, 1])."""
+    terms = []
+    for raw in str(text).split("+"):
+        raw = raw.strip()
+        match = _TERM.match(raw)
+        if not raw or not match:
+            raise ValueError(f"bad mixture term {raw!r} in {text!r}; expected name, name*N or name@F")
+        repeat, fraction = 1, 1.0
+        for op, value in re.findall(r"([*@])([0-9.]+)", match.group("mods")):
+            if op == "*":
+                if not value.isdigit() or int(value) < 1:
+                    raise ValueError(f"mixture term {raw!r}: a repeat count must be an integer >= 1")
+                repeat *= int(value)
+            else:
+                frac = float(value)
+                if not 0 < frac <= 1:
+                    raise ValueError(f"mixture term {raw!r}: a fraction must lie in (0, 1]")
+                fraction *= frac
+        terms.append(MixtureTerm(match.group("name"), repeat, fraction))
+    return terms
+
+
+# --- readers --------------------------------------------------------------------------------------
+class LlavaSource:
+    """LLaVA JSON (a list) or JSONL (one record per line, read lazily by byte offset)."""
+
+    def __init__(self, entry: DatasetEntry):
+        self.entry = entry
+        if not os.path.exists(entry.path):
+            raise FileNotFoundError(f"dataset {entry.name!r}: {entry.path} does not exist")
+        self._records: list | None = None
+        self._offsets: list[int] | None = None
+        if entry.path.endswith(".jsonl"):
+            self._offsets = []
+            with open(entry.path, "rb") as f:
+                pos = 0
+                for line in f:
+                    if line.strip():
+                        self._offsets.append(pos)
+                    pos += len(line)
+        else:
+            with open(entry.path) as f:
+                records = json.load(f)
+            if not isinstance(records, list):
+                raise ValueError(f"dataset {entry.name!r}: {entry.path} must hold a JSON list of samples")
+            self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records) if self._records is not None else len(self._offsets)
+
+    def record(self, index: int) -> Any:
+        if self._records is not None:
+            return self._records[index]
+        with open(self.entry.path, "rb") as f:
+            f.seek(self._offsets[index])
+            line = f.readline()
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SampleError(MALFORMED, f"line is not valid JSON ({err})") from None
+
+    def __getitem__(self, index: int) -> RawSample:
+        return llava_record_to_sample(self.record(index), index, self.entry.media)
+
+
+class MessagesSource:
+    """Hugging Face ``datasets`` (json / jsonl / parquet files or a ``save_to_disk`` directory) with
+    ``messages`` + ``images`` columns."""
+
+    def __init__(self, entry: DatasetEntry):
+        self.entry = entry
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError(f"dataset {entry.name!r} ({entry.path}) needs the `datasets` package") from err
+        path = entry.path
+        if os.path.isdir(path):
+            ds = datasets.load_from_disk(path)
+        elif os.path.exists(path):
+            kind = "parquet" if path.endswith(".parquet") else "json"
+            ds = datasets.load_dataset(kind, data_files=path, split="train")
+        else:
+            raise FileNotFoundError(f"dataset {entry.name!r}: {path} does not exist")
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"dataset {entry.name!r}: {path} holds splits {list(ds)} but no 'train' split")
+            ds = ds["train"]
+        if "messages" not in ds.column_names:
+            raise ValueError(f"dataset {entry.name!r}: needs a 'messages' column, has {ds.column_names}")
+        self.dataset = ds
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def record(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitem__(self, index: int) -> RawSample:
+        return messages_record_to_sample(self.record(index), index, self.entry.media)
+
+
+def open_source(entry: DatasetEntry):
+    return LlavaSource(entry) if entry.format == "llava" else MessagesSource(entry)
+
+
+# --- record -> RawSample ----------------------------------------------------------------------------
+def resolve_media_path(path: Any, media: str | None) -> str:
+    """Image path of a record: relative paths are joined to ``media`` and must stay inside it."""
+    if not isinstance(path, str) or not path:
+        raise SampleError(MALFORMED, f"image entry must be a non-empty path string, got {path!r}")
+    if os.path.isabs(path) or media is None:
+        return path
+    root = os.path.abspath(media)
+    full = os.path.abspath(os.path.join(root, path))
+    if os.path.commonpath([root, full]) != root:
+        raise SampleError(PATH_ESCAPES, f"{path!r} resolves outside {root}")
+    return full
+
+
+def _boxes(record: dict, num_images: int) -> list[list[float] | None]:
+    box = record.get("box", record.get("boxes"))
+    if box is None:
+        return [None] * num_images
+    if num_images == 0:
+        raise SampleError(BAD_BOX, "a box is given but the sample has no image")
+    if isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
+        box = [box] + [None] * (num_images - 1)
+    if not isinstance(box, (list, tuple)) or len(box) != num_images:
+        raise SampleError(BAD_BOX, f"expected one [x1, y1, x2, y2] box or one per image ({num_images}), got {box!r}")
+    out = []
+    for b in box:
+        if b is None:
+            out.append(None)
+            continue
+        if not (isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
+            raise SampleError(BAD_BOX, f"a box must be four numbers [x1, y1, x2, y2], got {b!r}")
+        x1, y1, x2, y2 = (float(v) for v in b)
+        if not (x2 > x1 and y2 > y1 and x1 >= 0 and y1 >= 0):
+            raise SampleError(BAD_BOX, f"box {list(b)} is empty or negative (need x2 > x1 >= 0, y2 > y1 >= 0)")
+        out.append([x1, y1, x2, y2])
+    return out
+
+
+def _sample_id(record: dict, index: int) -> str:
+    value = record.get("id", record.get("sample_id"))
+    return str(value) if value is not None else f"#{index}"
+
+
+def llava_record_to_sample(record: Any, index: int, media: str | None) -> RawSample:
+    """A LLaVA record -> :class:`RawSample` (raises :class:`SampleError`)."""
+    if not isinstance(record, dict):
+        raise SampleError(MALFORMED, f"a sample must be a JSON object, got {type(record).__name__}")
+    sid = _sample_id(record, index)
+    conversations = record.get("conversations")
+    if not conversations:
+        raise SampleError(EMPTY, "no 'conversations'")
+    if not isinstance(conversations, list):
+        raise SampleError(MALFORMED, f"'conversations' must be a list, got {type(conversations).__name__}")
+    try:
+        messages = llava_to_messages(conversations)
+    except ValueError as err:
+        raise SampleError(MALFORMED, str(err)) from None
+    image = record.get("image", record.get("images"))
+    images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
+    paths = [resolve_media_path(p, media) for p in images]
+    return RawSample(sid, messages, paths, _boxes(record, len(paths)))
+
+
+def messages_record_to_sample(record: Any, index: int, media: str | None) -> RawSample:
+    """A ``messages`` + ``images`` record -> :class:`RawSample` (raises :class:`SampleError`)."""
+    sid = _sample_id(record, index)
+    raw_messages = record.get("messages")
+    if not raw_messages:
+        raise SampleError(EMPTY, "no 'messages'")
+    try:
+        messages, inline = flatten_messages(raw_messages, IMAGE_TOKEN)
+    except (ValueError, AttributeError, TypeError) as err:
+        raise SampleError(MALFORMED, str(err)) from None
+    for i, m in enumerate(messages):
+        if m["role"] not in ("system", "user", "assistant") or not isinstance(m["content"], str):
+            raise SampleError(MALFORMED, f"message {i} has role {m['role']!r} / content {type(m['content']).__name__}")
+    column = record.get("images") or []
+    if not isinstance(column, (list, tuple)):
+        column = [column]
+    given = [im for im in inline if im is not None]
+    images = list(column) if column else given
+    resolved = []
+    for im in images:
+        if isinstance(im, dict):  # datasets' Image feature without decoding: {"bytes", "path"}
+            im = im.get("bytes") or im.get("path")
+        resolved.append(resolve_media_path(im, media) if isinstance(im, str) else im)
+    return RawSample(sid, messages, resolved, _boxes(record, len(resolved)))
+
+
+def ensure_placeholders(sample: RawSample, image_token: str = IMAGE_TOKEN) -> RawSample:
+    """Insert missing placeholders at the start of the first user turn; reject count mismatches."""
+    n = len(sample.images)
+    found = sum(m["content"].count(image_token) for m in sample.messages)
+    if found == n:
+        return sample
+    if found == 0 and n > 0:
+        messages = [dict(m) for m in sample.messages]
+        for m in messages:
+            if m["role"] == "user":
+                m["content"] = (image_token + "\n") * n + m["content"]
+                break
+        else:
+            raise SampleError(MALFORMED, "the sample has images but no user turn to put them in")
+        return RawSample(sample.id, messages, sample.images, sample.boxes)
+    raise SampleError(PLACEHOLDER_MISMATCH, f"{found} {image_token} placeholder(s) for {n} image(s)")
+
+
+def check_turns(messages: Sequence[dict[str, str]]) -> None:
+    """Structural checks every sample passes before tokenization."""
+    if not messages:
+        raise SampleError(EMPTY, "no turns")
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i != 0:
+            raise SampleError(MALFORMED, f"turn {i} is a system turn; only the first turn may be one")
+        if not m["content"].strip():
+            raise SampleError(MALFORMED, f"turn {i} ({m['role']}) is empty")
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    if "assistant" not in roles:
+        raise SampleError(NO_TARGET, "the conversation has no assistant turn")
+    if roles[-1] != "assistant":
+        raise SampleError(MALFORMED, "the conversation ends on a user turn")
+
+
+# --- mixtures of sources ------------------------------------------------------------------------------
+class Mixture:
+    """Concatenation of sources with repeats and fractions; ``index[i] = (source_id, local_index)``."""
+
+    def __init__(self, sources: list[tuple[str, Any]], terms: list[MixtureTerm], seed: int = 0):
+        self.names = [name for name, _ in sources]
+        self.sources = [source for _, source in sources]
+        by_name = {name: i for i, name in enumerate(self.names)}
+        self.index: list[tuple[int, int]] = []
+        for term in terms:
+            sid = by_name[term.name]
+            n = len(self.sources[sid])
+            local = list(range(n))
+            if term.fraction < 1.0:
+                keep = max(1, round(n * term.fraction)) if n else 0
+                local = sorted(random.Random(f"{seed}:{term.name}").sample(local, keep))
+            for _ in range(term.repeat):
+                self.index.extend((sid, j) for j in local)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def locate(self, i: int) -> tuple[str, int]:
+        sid, j = self.index[i]
+        return self.names[sid], j
+
+    def __getitem__(self, i: int) -> RawSample:
+        sid, j = self.index[i]
+        return self.sources[sid][j]
+
+
+def build_mixture(registry: dict[str, DatasetEntry], mixture: str, seed: int = 0) -> Mixture:
+    """Open the datasets a mixture names (each once, even when repeated)."""
+    terms = parse_mixture(mixture)
+    missing = [t.name for t in terms if t.name not in registry]
+    if missing:
+        raise KeyError(f"mixture {mixture!r} names unknown dataset(s) {missing}; registered: {sorted(registry)}")
+    names = list(dict.fromkeys(t.name for t in terms))
+    return Mixture([(name, open_source(registry[name])) for name in names], terms, seed)

@@ -1,0 +1,156 @@
+"""The training forward (parity with the model's own forward, packing), losses, schedule and recipes."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_compat import datasets as ds
+from train.config import CONFIG_ROOT, PARTS, load_stage, part_of, stage_from_dict
+from train.data.collate import Collator
+from train.data.dataset import SampleEncoder
+from train.losses import box_maps, dice_loss, lm_loss_sum, normalized_total, selection_loss
+from train.model_step import VilaHDTrainStep
+from train.schedule import WarmupCosine
+from vila_hd.model.tiny import build_tiny_model
+
+LOOK = {"num_look_close": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_model("tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def samples(tiny, tmp_path_factory):
+    _, processor = tiny
+    folder = tmp_path_factory.mktemp("img")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (50 + 20 * i, 80, 3), dtype=np.uint8)).save(paths[-1])
+    qa = [{"role": "user", "content": "<image>\nWhat color is the car?"}, {"role": "assistant", "content": "Red."}]
+    raw = [ds.RawSample("a", qa, paths[:1], [[5, 5, 40, 30]]),
+           ds.RawSample("b", [{"role": "user", "content": "Read the sign."}, {"role": "assistant", "content": "Stop."}]),
+           ds.RawSample("c", [{"role": "user", "content": "<image>\n<image>\nCompare."},
+                              {"role": "assistant", "content": "The second is larger."}], paths[1:], [None, [0, 0, 60, 60]])]
+    enc = SampleEncoder(processor, 2048, LOOK)
+    return [enc.encode(s, i) for i, s in enumerate(raw)]
+
+
+def test_training_forward_matches_the_model_forward(tiny, samples):
+    model, processor = tiny
+    step = VilaHDTrainStep(model, LOOK).eval()
+    collate = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048)
+    for s in samples:
+        with torch.no_grad():
+            ref = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values, labels=s.labels[None],
+                        prompt_positions=s.prompt_positions[:1] if s.num_images else None, reuse_prefix_cache=False,
+                        **LOOK)
+            batch = collate([s])
+            ours = step(batch)["lm"] / batch["num_items"]["lm"]
+        torch.testing.assert_close(ours, ref.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_give_the_same_losses_and_gradients_as_padded_rows(tiny, samples):
+    model, processor = tiny
+    step = VilaHDTrainStep(model, LOOK).eval()
+    results = []
+    for packing in (False, True):
+        batch = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048, packing=packing)(samples)
+        model.zero_grad()
+        out = step(batch)
+        (out["lm"] + out["selection"]).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((batch["input_ids"].shape[0], {k: v.detach() for k, v in out.items()}, grads))
+    (rows_a, out_a, g_a), (rows_b, out_b, g_b) = results
+    assert rows_a == 3 and rows_b == 1
+    for k in out_a:
+        torch.testing.assert_close(out_a[k], out_b[k], rtol=1e-5, atol=1e-5)
+    assert g_a.keys() == g_b.keys() and any(n.startswith("mm_projector.top_down_prompt_head") for n in g_a)
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
+def test_a_text_only_batch_still_gives_every_vision_parameter_a_gradient(tiny, samples):
+    model, processor = tiny
+    batch = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048)([samples[1]])
+    assert batch["num_placed_images"] == 0
+    model.zero_grad()
+    out = VilaHDTrainStep(model, LOOK).eval()(batch)
+    (out["lm"] + out["selection"]).backward()
+    for name in ("mm_projector.layers.2.weight", "mm_projector.top_down_prompt_head.fc1.weight",
+                 "vision_tower.vision_model.selection_feature_proj.fc1.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and not grad.any()  # present (lockstep) but zero (weight 0)
+    model.zero_grad()
+
+
+def test_box_maps_and_selection_loss():
+    maps = box_maps(torch.tensor([[0.0, 0.0, 0.5, 0.25], [float("nan")] * 4]), (4, 4))
+    expected = torch.zeros(4, 4)
+    expected[0, :2] = 1
+    assert torch.equal(maps[0], expected) and not maps[1].any()
+    target = maps[:1]
+    perfect = selection_loss([target.clamp(0.01, 0.99)], torch.tensor([[0.0, 0.0, 0.5, 0.25]]))
+    wrong = selection_loss([(1 - target).clamp(0.01, 0.99)], torch.tensor([[0.0, 0.0, 0.5, 0.25]]))
+    assert perfect.item() < 0.1 < wrong.item()
+    assert dice_loss(target, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_loss_normalisation_by_global_tokens():
+    # Two micro-batches with 1 and 3 target tokens: the normalised sum equals the mean over the 4 tokens.
+    logits = torch.randn(4, 7, requires_grad=True)
+    targets = torch.tensor([1, 2, 3, 4])
+    full = torch.nn.functional.cross_entropy(logits, targets)
+    parts = [lm_loss_sum(logits[:1], targets[:1]), lm_loss_sum(logits[1:], targets[1:])]
+    total = sum(normalized_total({"lm": p}, {"lm": 4}, {"lm": 1.0}) for p in parts)
+    torch.testing.assert_close(total, full)
+    assert normalized_total({"lm": torch.tensor(6.0), "selection": torch.tensor(3.0)}, {"lm": 3, "selection": 0},
+                            {"lm": 1.0, "selection": 2.0}, scale=4.0).item() == pytest.approx(4 * (2.0 + 6.0))
+
+
+def test_warmup_cosine():
+    f = WarmupCosine(warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.2) and f(3) == pytest.approx(0.8)
+    assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
+
+
+def test_every_parameter_has_a_part(tiny):
+    model, _ = tiny
+    seen = {}
+    for name, _ in model.named_parameters():
+        seen.setdefault(part_of(name), []).append(name)
+    assert set(seen) == set(PARTS) | {None}
+    never = seen[None]
+    assert all(n.endswith("prior_prompt") or ".trunk.norm." in n or ".trunk.attn_pool." in n for n in never)
+    assert all(n.startswith("mm_projector.top_down_prompt_head.") for n in seen["prompt_head"])
+    assert part_of("base_model.model.mm_projector.modules_to_save.default.layers.2.weight") == "projector"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_ROOT, "stages", "*.yaml"))))
+def test_every_shipped_recipe_parses(path):
+    config = load_stage(path)
+    assert config.learning_rates
+    assert os.path.exists(os.path.join(CONFIG_ROOT, "deepspeed", f"{config.deepspeed}.json"))
+
+
+def test_recipe_errors_name_the_key_and_set_overrides():
+    with pytest.raises(ValueError, match=r"data: unknown key\(s\) \['max_len'\]"):
+        stage_from_dict({"init": {"preset": "tiny"}, "data": {"max_len": 5}})
+    with pytest.raises(ValueError, match="unknown part"):
+        stage_from_dict({"init": {"preset": "tiny"}, "trainable": {"projecter": 1e-3}})
+    with pytest.raises(ValueError, match="exactly one"):
+        stage_from_dict({"init": {"preset": "tiny", "model": "x"}})
+    cfg = stage_from_dict({"init": {"preset": "tiny"}}, ["data.max_length=128", "trainable.llm=2e-5",
+                                                        "lora={r: 4}", "look_close.num_look_close=all"])
+    assert cfg.data.max_length == 128 and cfg.learning_rates == {"llm": 2e-5} and cfg.lora.r == 4
+    assert cfg.look_close.num_look_close == "all"

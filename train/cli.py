@@ -1,0 +1,215 @@
+"""Command-line entry points of training (wired into ``vila-hd``; also ``python -m train.cli COMMAND ...``).
+
+    vila-hd train configs/stages/sft.yaml [--set key=value ...] [--no-resume]
+    vila-hd finetune-lora --model DIR --data train.json --media images/ [--output-dir DIR] [--set ...]
+    vila-hd merge-lora --adapter DIR --out DIR
+    vila-hd data check CONFIG_OR_FILE [--media DIR] [--model DIR | --preset tiny]
+
+Each ``*_main(argv)`` parses its own arguments and returns an exit code. ``train`` and ``finetune-lora`` run
+under ``deepspeed`` / ``torchrun`` (or plain ``python`` for one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from train.config import CONFIG_ROOT
+
+LORA_RECIPE = os.path.join(CONFIG_ROOT, "stages", "lora.yaml")
+
+
+def _set_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field (YAML value), e.g. --set data.max_length=4096; repeatable")
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``vila-hd train``: run one stage recipe."""
+    parser = argparse.ArgumentParser(prog="vila-hd train", description="Train one VILA-HD stage from its YAML recipe "
+                                     "(run under deepspeed / torchrun for several GPUs).")
+    parser.add_argument("config", help="stage recipe, e.g. configs/stages/sft.yaml")
+    _set_args(parser)
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start from the init even if the output directory holds checkpoints")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    from train.config import load_stage
+    from train.stage import run_stage
+
+    config = load_stage(args.config, args.overrides)
+    run_stage(config, resume=not args.no_resume)
+    return 0
+
+
+def finetune_lora_main(argv: Sequence[str] | None = None) -> int:
+    """``vila-hd finetune-lora``: LoRA on a custom dataset (LLaVA JSON/JSONL or a ``messages`` dataset)."""
+    parser = argparse.ArgumentParser(prog="vila-hd finetune-lora",
+                                     description="LoRA fine-tuning of a VILA-HD checkpoint on your data.")
+    parser.add_argument("--model", required=True, help="VILA-HD checkpoint directory to start from")
+    parser.add_argument("--data", required=True, help="LLaVA .json/.jsonl, a .parquet file or a saved dataset dir")
+    parser.add_argument("--media", help="folder the image paths of --data are relative to")
+    parser.add_argument("--format", choices=["llava", "messages"], help="default: llava for .json/.jsonl")
+    parser.add_argument("--output-dir", default="outputs/lora")
+    parser.add_argument("--recipe", default=LORA_RECIPE, help=f"base recipe (default {LORA_RECIPE})")
+    parser.add_argument("--epochs", type=float)
+    parser.add_argument("--lr", type=float, help="learning rate of the LoRA matrices and the trained modules")
+    parser.add_argument("--rank", type=int, dest="lora_r", help="LoRA rank r")
+    parser.add_argument("--alpha", type=int, help="LoRA alpha")
+    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--micro-batch-size", type=int)
+    parser.add_argument("--global-batch-size", type=int)
+    parser.add_argument("--deepspeed", help="zero2 | zero3 | zero3_offload | a JSON path")
+    parser.add_argument("--qlora", action="store_true", help="load the LLM in 4 bits (bitsandbytes + a GPU)")
+    _set_args(parser)
+    parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    from train.config import load_stage
+    from train.stage import run_stage
+
+    dataset = {"path": os.path.abspath(args.data)}
+    if args.media:
+        dataset["media"] = os.path.abspath(args.media)
+    if args.format:
+        dataset["format"] = args.format
+    sets = [f"init.model={os.path.abspath(args.model)}", f"output_dir={args.output_dir}", "data.registry=",
+            "data.mixture=custom"]
+    import json
+
+    sets.append("data.datasets=" + json.dumps({"custom": dataset}))
+    for flag, key in ((args.epochs, "epochs"), (args.lora_r, "lora.r"), (args.alpha, "lora.alpha"),
+                      (args.max_length, "data.max_length"), (args.micro_batch_size, "batch.micro_batch_size"),
+                      (args.global_batch_size, "batch.global_batch_size"), (args.deepspeed, "deepspeed")):
+        if flag is not None:
+            sets.append(f"{key}={flag}")
+    if args.lr is not None:
+        sets += [f"trainable.{part}={args.lr}" for part in ("llm", "projector", "prompt_head", "selection")]
+    if args.qlora:
+        sets.append("lora.quantize=4bit")
+    config = load_stage(args.recipe, sets + args.overrides)
+    run_stage(config, resume=not args.no_resume)
+    return 0
+
+
+def merge_lora_main(argv: Sequence[str] | None = None) -> int:
+    """``vila-hd merge-lora``: fold an adapter into its base model."""
+    parser = argparse.ArgumentParser(prog="vila-hd merge-lora",
+                                     description="Write a merged checkpoint from a LoRA adapter directory.")
+    parser.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json names its base)")
+    parser.add_argument("--out", required=True, help="output directory of the merged checkpoint")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="dtype of the written weights (default: the base checkpoint's)")
+    args = parser.parse_args(argv)
+    import torch
+
+    from train.lora import merge_adapter
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = merge_adapter(args.adapter, args.out, dtype=dtype)
+    print(f"merged {args.adapter} into {out}")
+    return 0
+
+
+def data_main(argv: Sequence[str] | None = None) -> int:
+    """``vila-hd data check``: validate training data; exit code 1 when a bad sample is found."""
+    parser = argparse.ArgumentParser(prog="vila-hd data", description="Data tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="report every sample training would skip, with its reason")
+    check.add_argument("target", metavar="CONFIG_OR_FILE",
+                       help="a stage recipe, a dataset registry YAML, or a data file / saved dataset directory")
+    check.add_argument("--media", help="media folder (for a data file)")
+    check.add_argument("--format", choices=["llava", "messages"])
+    check.add_argument("--mixture", help="check only these datasets of a registry (mixture syntax)")
+    check.add_argument("--model", help="checkpoint whose tokenizer / chat template / token layout to use")
+    check.add_argument("--preset", help="a tiny preset instead of --model (tests)")
+    check.add_argument("--max-length", type=int, help="token limit after image expansion (default: the recipe's, "
+                       "else 8192)")
+    check.add_argument("--num-look-close", help="look-close steps used in training (int or 'all')")
+    check.add_argument("--num-token-look-close", type=int, help="patches per image used in training")
+    check.add_argument("--no-images", action="store_true", help="skip decoding the images")
+    check.add_argument("--workers", type=int, default=8)
+    check.add_argument("--show", type=int, default=None, help="list at most N bad samples")
+    check.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    _set_args(check)
+    args = parser.parse_args(argv)
+    report = run_check(args)
+    print(report.format(args.show))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json())
+    return 1 if report.bad else 0
+
+
+def _kind(path: str) -> str:
+    if os.path.isdir(path) or not path.endswith((".yaml", ".yml")):
+        return "file"
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return "stage" if isinstance(data, dict) and ("init" in data or "stage" in data) else "registry"
+
+
+def run_check(args):
+    from llava_compat import datasets as ds
+    from train.config import StageConfig, load_stage
+    from train.data.check import check_sources
+    from train.data.dataset import SampleEncoder
+    from train.stage import load_init_processor, open_registry
+
+    kind = _kind(args.target)
+    stage = load_stage(args.target, args.overrides) if kind == "stage" else StageConfig()
+    if kind == "stage":
+        registry = open_registry(stage)
+    elif kind == "registry":
+        registry = ds.load_registry(args.target)
+    else:
+        spec = {"path": os.path.abspath(args.target)}
+        if args.media:
+            spec["media"] = os.path.abspath(args.media)
+        if args.format:
+            spec["format"] = args.format
+        registry = {os.path.basename(args.target.rstrip("/")): ds.make_entry("data", spec)}
+    mixture = args.mixture or (stage.data.mixture if kind == "stage" else None)
+    names = list(dict.fromkeys(t.name for t in ds.parse_mixture(mixture))) if mixture else list(registry)
+    sources = {name: ds.open_source(registry[name]) for name in names}
+
+    processor = None
+    if args.model or args.preset:
+        stage.init.model, stage.init.preset = args.model, args.preset
+        stage.init.ps3 = stage.init.llm = None
+        processor = load_init_processor(stage)
+    elif kind == "stage":
+        processor = load_init_processor(stage)
+    encoder = None
+    if processor is not None:
+        look = stage.look_close.kwargs()
+        if args.num_look_close is not None or args.num_token_look_close is not None:
+            steps = args.num_look_close
+            look = {"num_look_close": int(steps) if steps not in (None, "all") else steps,
+                    "num_token_look_close": args.num_token_look_close}
+        max_length = args.max_length or stage.data.max_length
+        encoder = SampleEncoder(processor, max_length, {k: v for k, v in look.items() if v is not None})
+    return check_sources(sources, encoder, load_images=not args.no_images, workers=args.workers)
+
+
+COMMANDS = {"train": train_main, "finetune-lora": finetune_lora_main, "merge-lora": merge_lora_main,
+            "data": data_main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The `deepspeed` launcher puts --local_rank=N before the user's arguments; the rank comes from the
+    # environment (LOCAL_RANK) anyway.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m train.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

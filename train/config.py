@@ -1,0 +1,290 @@
+"""Stage recipes: typed dataclasses, YAML loading with unknown-key errors, and ``--set key=value`` overrides.
+
+A stage YAML (see ``configs/stages/``) names its init, its trainable parts with their learning rates, the
+data mixture, the look-close settings used in training, the DeepSpeed config and the loop settings::
+
+    stage: sft
+    init: {model: outputs/pretrain/final}       # or {ps3: ..., llm: ...} or {preset: tiny}
+    trainable: {projector: 1.5e-5, prompt_head: 1.5e-5, selection: 1.5e-5, vision_tower: 2.0e-6, llm: 1.5e-5}
+    data: {registry: configs/datasets/example.yaml, mixture: "llava_sft+grounded*2", max_length: 8192}
+    look_close: {num_token_look_close: 10240}
+    loss: {selection_weight: 1.0}
+    deepspeed: zero3                            # a name in configs/deepspeed/ or a JSON path
+
+Relative paths in a stage YAML are taken from the current directory (run from the repository root).
+``--set data.max_length=4096`` (YAML-parsed values) overrides any field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+# Trainable parts of VILA-HD and the parameter-name prefixes that make them. `prior_prompt` (bottom-up
+# selection only) and PS3's pooled head (`trunk.norm`, `trunk.attn_pool`; unused by VILA-HD) are never trained.
+_VM = "vision_tower.vision_model."
+PARTS: dict[str, tuple[str, ...]] = {
+    "prompt_head": ("mm_projector.top_down_prompt_head.",),
+    "projector": ("mm_projector.",),
+    "selection": (_VM + "selection_feature_proj.", _VM + "highres_selection_feature_module.",
+                  _VM + "prompt_proj_for_highres."),
+    "vision_tower": (_VM + "trunk.patch_embed.", _VM + "trunk.pos_embed", _VM + "trunk.blocks.",
+                     _VM + "pos_emb_residual."),
+    "llm": ("language_model.",),
+}
+NEVER_TRAINED = (_VM + "prior_prompt", _VM + "trunk.norm.", _VM + "trunk.attn_pool.")
+
+
+def part_of(name: str) -> str | None:
+    """The part a parameter belongs to (first match in PARTS order; ``None`` for never-trained ones).
+
+    Names may carry a PEFT prefix (``base_model.model.``) and LoRA / modules_to_save infixes."""
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    name = name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+    if name.startswith(NEVER_TRAINED):
+        return None
+    for part, prefixes in PARTS.items():
+        if name.startswith(prefixes):
+            return part
+    return None
+
+
+@dataclass
+class InitConfig:
+    """Where the stage starts: ``model`` (a VILA-HD checkpoint: our format or VILA's, e.g. the previous
+    stage's ``final``), or ``ps3`` + ``llm`` (fresh projector), or ``preset`` (random tiny model)."""
+
+    model: str | None = None
+    ps3: str | None = None
+    llm: str | None = None
+    preset: str | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # VilaHDConfig fields for ps3+llm / preset
+    attn_implementation: str | None = None  # sdpa (default), flash_attention_2, flex_attention, eager
+
+    def validate(self) -> None:
+        forms = [self.model is not None, self.ps3 is not None or self.llm is not None, self.preset is not None]
+        if sum(forms) != 1:
+            raise ValueError("init needs exactly one of: model, ps3 + llm, preset")
+        if (self.ps3 is None) != (self.llm is None):
+            raise ValueError("init from base checkpoints needs both ps3 and llm")
+
+
+@dataclass
+class DataConfig:
+    registry: str | None = None  # registry YAML
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)  # inline registry entries
+    mixture: str | None = None  # default: every registered dataset once
+    max_length: int = 8192  # tokens after image expansion; longer samples are skipped and counted
+    packing: bool = False  # pack each micro-batch's samples into rows of max_length (no cross-attention)
+    num_workers: int = 2
+    seed: int = 0  # mixture fractions
+
+
+@dataclass
+class LookCloseConfig:
+    mode: str | None = None  # after_prompt / after_image (default: the model's)
+    num_look_close: int | str | None = None
+    num_token_look_close: int | str | None = 10240
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"num_look_close": self.num_look_close, "num_token_look_close": self.num_token_look_close}
+
+
+@dataclass
+class LossConfig:
+    selection_weight: float = 0.0  # weight of BCE + Dice on selection probabilities for boxed samples
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class BatchConfig:
+    micro_batch_size: int = 1  # samples per rank per forward
+    global_batch_size: int | None = None  # samples per optimizer step (default: micro x world, no accumulation)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep_last: int = 2
+    export_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 1
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "vila-hd"
+    progress_bar: bool = True
+    peak_tflops: float | None = None  # per device; default from the GPU name (H100/H200: 989)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    vision_tower: bool = False  # LoRA on PS3's linear layers too
+    quantize: str | None = None  # "4bit" (QLoRA: needs bitsandbytes and a GPU)
+
+
+@dataclass
+class StageConfig:
+    stage: str = "stage"
+    init: InitConfig = field(default_factory=InitConfig)
+    output_dir: str = "outputs/stage"
+    trainable: dict[str, float] = field(default_factory=dict)  # part -> learning rate
+    data: DataConfig = field(default_factory=DataConfig)
+    look_close: LookCloseConfig = field(default_factory=LookCloseConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    seed: int = 42
+    precision: str = "bf16"  # bf16 | fp32
+    gradient_checkpointing: dict[str, bool] = field(default_factory=lambda: {"llm": True, "vision_tower": True})
+    deepspeed: str = "zero2"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig | None = None
+
+    def validate(self) -> None:
+        self.init.validate()
+        unknown = set(self.trainable) - set(PARTS)
+        if unknown:
+            raise ValueError(f"trainable: unknown part(s) {sorted(unknown)}; parts: {list(PARTS)}")
+        for part, lr in self.trainable.items():
+            if lr is not None and lr is not False and (not isinstance(lr, (int, float)) or lr <= 0):
+                raise ValueError(f"trainable.{part}: a learning rate must be a positive number, got {lr!r}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.data.max_length < 8:
+            raise ValueError(f"data.max_length={self.data.max_length} is too small")
+        if self.batch.micro_batch_size < 1:
+            raise ValueError("batch.micro_batch_size must be >= 1")
+        if self.lora is not None and self.lora.quantize not in (None, "4bit"):
+            raise ValueError(f"lora.quantize must be null or '4bit', got {self.lora.quantize!r}")
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        """Trainable parts and their learning rates (parts set to false/null are frozen)."""
+        return {k: float(v) for k, v in self.trainable.items() if v not in (None, False)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading --------------------------------------------------------------------------------------
+def _build(cls, data: Any, where: str):
+    """Dataclass ``cls`` from a dict, refusing unknown keys (the error names the full key path)."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls, name))
+        path = f"{where}.{name}" if where else name
+        if sub is not None and (value is not None or name != "lora"):
+            kwargs[name] = _build(sub, value, path)
+        elif name == "betas":
+            kwargs[name] = tuple(float(v) for v in value)
+        elif name == "trainable" and isinstance(value, dict):
+            kwargs[name] = {k: _number(v, f"{path}.{k}") for k, v in value.items()}
+        elif "float" in str(fields[name].type) and isinstance(value, str):
+            kwargs[name] = _number(value, path)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _number(value: Any, where: str) -> Any:
+    """YAML reads ``2e-5`` (no dot) as a string: accept it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    return value
+
+
+_NESTED = {
+    (StageConfig, "init"): InitConfig,
+    (StageConfig, "data"): DataConfig,
+    (StageConfig, "look_close"): LookCloseConfig,
+    (StageConfig, "loss"): LossConfig,
+    (StageConfig, "optim"): OptimConfig,
+    (StageConfig, "batch"): BatchConfig,
+    (StageConfig, "checkpoint"): CheckpointConfig,
+    (StageConfig, "logging"): LoggingConfig,
+    (StageConfig, "lora"): LoraConfig,
+}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part} is not a mapping")
+        node[parts[-1]] = value
+    return data
+
+
+def stage_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> StageConfig:
+    data = apply_overrides(dict(data or {}), overrides)
+    config = _build(StageConfig, data, "")
+    config.validate()
+    return config
+
+
+def load_stage(path: str | os.PathLike, overrides: list[str] | None = None) -> StageConfig:
+    """Read a stage YAML and apply ``--set`` overrides; errors name the offending key."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    try:
+        return stage_from_dict(data, overrides)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def deepspeed_config_path(name_or_path: str) -> str:
+    """``zero2`` -> ``configs/deepspeed/zero2.json``; paths are returned as they are."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    candidate = os.path.join(CONFIG_ROOT, "deepspeed", f"{name_or_path}.json")
+    if os.path.exists(candidate):
+        return candidate
+    raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} is neither a file nor a name in {os.path.dirname(candidate)}")

@@ -1,0 +1,145 @@
+"""LoRA for VILA-HD with peft: set-up, adapter checkpoints in PEFT format, loading and merging.
+
+- LoRA on every linear layer of the LLM (``lm_head`` excepted), optionally on PS3's linear layers too;
+- the projector, prompt head and selection modules, when trainable, are trained fully through peft's
+  ``modules_to_save``: they are saved *inside* the adapter (``adapter_model.safetensors``), so any
+  checkpoint's ``adapter/`` directory loads with plain ``PeftModel.from_pretrained`` -- in chat and eval
+  (which recognise an adapter by its ``adapter_config.json``) and in :func:`merge_adapter`;
+- QLoRA (``quantize: 4bit``) loads the LLM in 4 bits with bitsandbytes (a CUDA GPU is required).
+
+An adapter directory holds ``adapter_config.json`` (``base_model_name_or_path`` = the base checkpoint),
+``adapter_model.safetensors`` and the processor files (tokenizer, chat template, image processor).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.config import LoraConfig as LoraSettings
+
+ADAPTER_CONFIG = "adapter_config.json"
+FULLY_TRAINED_MODULES = {
+    "projector": ["mm_projector"],
+    "prompt_head": ["mm_projector"],
+    "selection": ["selection_feature_proj", "highres_selection_feature_module", "prompt_proj_for_highres"],
+}
+
+
+def lora_targets(model: nn.Module, vision_tower: bool) -> list[str]:
+    """Full names of the linear layers that get LoRA (LLM except its head; PS3 trunk blocks if asked)."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name.startswith("language_model.") and not name.endswith("lm_head"):
+            names.append(name)
+        elif vision_tower and name.startswith("vision_tower.vision_model.trunk.blocks."):
+            names.append(name)
+    if not names:
+        raise ValueError("no linear layer found for LoRA (is this a VILA-HD model?)")
+    return names
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings, trainable_parts: list[str]):
+    """Inject LoRA layers (in place) and wrap fully trained parts; returns the ``PeftModel``.
+
+    The VILA-HD model keeps working as before (``peft_model.get_base_model()`` is ``model``)."""
+    from peft import LoraConfig, get_peft_model
+
+    save = sorted({m for part in trainable_parts for m in FULLY_TRAINED_MODULES.get(part, [])})
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=lora_targets(model, settings.vision_tower),
+        modules_to_save=save or None,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def is_lora_param(name: str) -> bool:
+    return ".lora_" in name
+
+
+def save_adapter(peft_model, out_dir: str, processor, base_model: str, state_dict: dict | None = None) -> None:
+    """Write the adapter in PEFT format (plus the processor) to ``out_dir``; ``state_dict`` (full tensors)
+    is given under ZeRO-3, where the module's own tensors are partitioned."""
+    os.makedirs(out_dir, exist_ok=True)
+    config = peft_model.peft_config["default"]
+    config.base_model_name_or_path = os.path.abspath(base_model)
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if state_dict is not None:
+        kwargs["state_dict"] = state_dict
+    peft_model.save_pretrained(out_dir, **kwargs)
+    if processor is not None:
+        processor.save_pretrained(out_dir)
+
+
+def adapter_state_names(peft_model) -> list[str]:
+    """Names (in the PeftModel) of the parameters an adapter file holds: LoRA and modules_to_save copies."""
+    return [n for n, _ in peft_model.named_parameters() if is_lora_param(n) or ".modules_to_save." in n]
+
+
+def load_base_model(path: str, dtype: torch.dtype | None = None):
+    """A VILA-HD checkpoint (our layout or VILA's) and its processor."""
+    from vila_hd.model import VilaHDForConditionalGeneration
+    from vila_hd.processing import VilaHDProcessor
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = VilaHDForConditionalGeneration.from_pretrained(path, **kwargs)
+    processor = VilaHDProcessor.from_pretrained(path)
+    model.set_generation_defaults(processor)
+    return model, processor
+
+
+def load_adapter_model(adapter_dir: str, dtype: torch.dtype | None = None, merge: bool = False):
+    """``(model, processor)`` for an adapter directory: its base (``base_model_name_or_path``) with the
+    adapter applied (merged into the weights when ``merge``); the processor saved with the adapter wins."""
+    import json
+
+    from peft import PeftModel
+
+    from vila_hd.processing import PROCESSOR_CONFIG, VilaHDProcessor
+
+    config_file = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{adapter_dir} is not an adapter directory (no {ADAPTER_CONFIG})")
+    with open(config_file) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.exists(base):
+        raise FileNotFoundError(f"the base model of adapter {adapter_dir} ({base!r}, base_model_name_or_path in "
+                                f"{ADAPTER_CONFIG}) does not exist")
+    model, processor = load_base_model(base, dtype)
+    if os.path.isfile(os.path.join(adapter_dir, PROCESSOR_CONFIG)):
+        processor = VilaHDProcessor.from_pretrained(adapter_dir)
+    wrapped = PeftModel.from_pretrained(model, adapter_dir)
+    model = wrapped.merge_and_unload() if merge else wrapped
+    return model, processor
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, dtype: torch.dtype | None = None) -> str:
+    """Fold an adapter into its base and write a plain VILA-HD checkpoint (safetensors + processor)."""
+    model, processor = load_adapter_model(adapter_dir, dtype=dtype, merge=True)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def four_bit_config(dtype: torch.dtype):
+    """bitsandbytes NF4 config for QLoRA (the vision tower, projector and LM head stay unquantised)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        missing = "bitsandbytes is not installed" if importlib.util.find_spec("bitsandbytes") is None else "no CUDA GPU"
+        raise ValueError(f"lora.quantize=4bit (QLoRA) needs bitsandbytes and a CUDA GPU ({missing})")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=True,
+                              llm_int8_skip_modules=["vision_tower", "mm_projector", "lm_head"])

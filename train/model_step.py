@@ -1,0 +1,121 @@
+"""The VILA-HD training forward: what DeepSpeed wraps and the :class:`~train.trainer.Trainer` calls.
+
+:class:`VilaHDTrainStep` runs the same computation as ``VilaHDForConditionalGeneration.forward`` (its
+public pieces: ``encode_low_res``, ``project_low_res``, the prompt head, ``get_image_features``, the LLM),
+arranged for training:
+
+- rows may be *packed* (several samples, position ids restarting at each sample, no attention mask: the
+  LLM builds a block-diagonal causal mask), so each image has its own prompt position and the top-down
+  prefix pass runs once over all rows, with high-res tokens removed and each row cut after its last prompt;
+- the selection probabilities are returned un-forced (no ground-truth forcing), for the box loss;
+- the LM head runs only at positions that carry a target (``logits_to_keep``), and the loss is a sum;
+- ZeRO-3 lockstep: every call runs the vision tower, the prefix pass, the prompt head and the LLM once,
+  whatever the data (a batch without images carries one dummy image, placed nowhere, whose embeddings
+  enter the loss with weight 0 so every trainable parameter receives a gradient on every rank).
+
+Returns ``{"lm": summed CE, "selection": summed per-image BCE + Dice over boxed images}``; the trainer
+normalises each by its global count (``batch["num_items"]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.losses import IGNORE_INDEX, lm_loss_sum, selection_loss
+
+
+class VilaHDTrainStep(nn.Module):
+    """Training forward of a VILA-HD model (optionally with LoRA layers injected by peft)."""
+
+    def __init__(self, model: nn.Module, look_close: dict[str, Any] | None = None, mode: str | None = None):
+        super().__init__()
+        self.model = model
+        self.look_close = {k: v for k, v in (look_close or {}).items() if v is not None}
+        self.mode = mode or model.config.look_close_mode
+        if self.mode not in ("after_prompt", "after_image"):
+            raise ValueError(f"look_close mode must be after_prompt or after_image, got {self.mode!r}")
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        m = self.model
+        input_ids, positions, targets = batch["input_ids"], batch["position_ids"], batch["target_ids"]
+        pixel_values = batch["pixel_values"]
+        placed = int(batch["num_placed_images"])
+        layout = m.image_token_layout(tuple(pixel_values.shape[-2:]), **self.look_close)
+        n_tok, n_low = layout.num_tokens, layout.num_low_res_tokens
+        image_mask = input_ids == m.config.image_token_id
+        if int(image_mask.sum()) != placed * n_tok:
+            raise ValueError(
+                f"the batch holds {int(image_mask.sum())} image tokens for {placed} image(s) of {n_tok} tokens "
+                f"({self.look_close}); the data was expanded with other look-close settings than the model uses"
+            )
+        rows, cols = (t.view(placed, n_tok) for t in image_mask.nonzero(as_tuple=True))
+
+        embeds = m.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        low = m.encode_low_res(pixel_values)
+        low_embeds = m.project_low_res(low)
+        hidden = embeds.shape[-1]
+        embeds = embeds.index_put((rows[:, :n_low].reshape(-1), cols[:, :n_low].reshape(-1)),
+                                  low_embeds[:placed].reshape(-1, hidden).to(embeds.dtype))
+        prompts = None
+        if self.mode == "after_prompt":
+            prompts = self._prompts(embeds, positions, rows, cols, n_low, batch["prompt_index"],
+                                    pixel_values.shape[0])
+        feats = m.get_image_features(prompts=prompts, low_res=low, low_res_embeds=low_embeds, **self.look_close)
+        if placed:
+            high = torch.cat([e[n_low:] for e in feats.embeds[:placed]]).to(embeds.dtype)
+            embeds = embeds.index_put((rows[:, n_low:].reshape(-1), cols[:, n_low:].reshape(-1)), high)
+
+        keep = (targets != IGNORE_INDEX).any(0).nonzero(as_tuple=True)[0]
+        if keep.numel() == 0:
+            keep = torch.zeros(1, dtype=torch.long, device=targets.device)
+        out = m.language_model(inputs_embeds=embeds, position_ids=positions, logits_to_keep=keep, use_cache=False)
+        lm = lm_loss_sum(out.logits, targets[:, keep])
+
+        # Images placed nowhere (the dummy) still reach the loss, with weight 0 (see the module docstring).
+        unused = sum((e.float().sum() for e in feats.embeds[placed:]), torch.zeros((), device=lm.device))
+        boxes = batch["boxes"].to(lm.device)
+        has_box = ~boxes.isnan().any(-1)
+        per_image = selection_loss(feats.selection_probs, boxes)
+        selection = torch.where(has_box, per_image, torch.zeros_like(per_image)).sum()
+        return {"lm": lm + 0.0 * unused, "selection": selection}
+
+    def _prompts(self, embeds, positions, rows, cols, n_low, prompt_index, num_images) -> torch.Tensor:
+        """Top-down prompts (num_images, C): the LLM (no gradient) over each row's tokens without the high-res
+        ones, up to the row's last prompt position; hidden state at each image's prompt -> prompt head."""
+        m = self.model
+        batch, length = positions.shape
+        device = embeds.device
+        idx = torch.arange(length, device=device)
+        high = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        high[rows[:, n_low:].reshape(-1), cols[:, n_low:].reshape(-1)] = True
+        last = torch.full((batch,), -1, dtype=torch.long, device=device)
+        if prompt_index.numel():
+            last = last.scatter_reduce(0, prompt_index[:, 0], prompt_index[:, 1], reduce="amax")
+        keep = ~high & (idx[None] <= last[:, None])
+        keep[0, 0] = True  # the dummy image's prompt reads position (0, 0)
+        lengths = keep.sum(1)
+        width = int(lengths.max())
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        valid = idx[None, :width] < lengths[:, None]
+        # Position ids restart with every sample (segments start where the original positions are 0).
+        segment = (positions == 0).long().cumsum(1).gather(1, order)
+        segment = torch.where(valid, segment, segment.new_full((), length + 1))
+        starts = torch.ones_like(valid)
+        starts[:, 1:] = segment[:, 1:] != segment[:, :-1]
+        begin = torch.where(starts, idx[None, :width], torch.zeros_like(order)).cummax(1).values
+        prefix_positions = idx[None, :width] - begin
+        prefix_embeds = embeds[torch.arange(batch, device=device)[:, None], order]
+        with torch.no_grad():
+            out = m.language_model.base_model(inputs_embeds=prefix_embeds, position_ids=prefix_positions,
+                                              use_cache=False)
+        states = out.last_hidden_state
+        compact = keep.long().cumsum(1) - 1
+        at = [states[prompt_index[:, 0], compact[prompt_index[:, 0], prompt_index[:, 1]]]]
+        extra = num_images - prompt_index.shape[0]
+        if extra:
+            at.append(states[:1, 0].expand(extra, -1))
+        head_dtype = next(m.mm_projector.parameters()).dtype
+        return m.mm_projector.prompt(torch.cat(at).to(head_dtype))
