@@ -13,10 +13,16 @@ TORCH_SPEC ?= torch==2.13.0
 
 venv: $(STAMP)
 
+# DeepSpeed ships only a source package on PyPI, whose isolated build would pull its own torch: use the
+# pre-built wheel from ../shared when it is there, else build against the torch already installed.
+DS_WHEEL := $(wildcard ../shared/gpu/wheels/deepspeed-0.19.8-py3-none-any.whl)
+DS_SPEC := $(if $(DS_WHEEL),$(DS_WHEEL),deepspeed==0.19.8)
+
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "$(TORCH_SPEC)"
-	$(VPY) -m pip install -e '.[dev]' peft
+	$(VPY) -m pip install -e '.[dev]' peft datasets tensorboard einops hjson msgpack ninja py-cpuinfo pydantic
+	$(VPY) -m pip install --no-deps --no-build-isolation "$(DS_SPEC)"
 	@touch $(STAMP)
 
 test: venv
