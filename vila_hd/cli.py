@@ -24,6 +24,7 @@ FORWARDED = {
     "finetune-lora": ("train.cli", "finetune_lora_main", "LoRA fine-tuning (adapters keep the projector)"),
     "merge-lora": ("train.cli", "merge_lora_main", "fold a LoRA adapter into its base checkpoint"),
     "data": ("train.cli", "data_main", "data tools (`vila-hd data check`)"),
+    "pretrain": ("train.pretrain.loop", "pretrain_main", "PS3 localized contrastive pre-training"),
     "eval": ("eval.cli", "eval_main", "run benchmarks"),
     "synth": ("eval.cli", "synth_main", "generate the synthetic high-resolution benchmark"),
     "convert": ("llava_compat.convert", "main", "convert checkpoints between the VILA layout and our single directory"),
@@ -143,6 +144,61 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="seed for sampling")
 
 
+def limit_arg(value: str) -> int | None:
+    """A positive integer, or ``none`` (no limit)."""
+    if value.lower() == "none":
+        return None
+    return positive_int(value)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    from vila_hd.engine import ServingLimits
+
+    defaults = ServingLimits()
+    group = parser.add_argument_group(
+        "serving limits", "what one request may cost; a request over a limit is refused with a message ('none' lifts one)"
+    )
+    group.add_argument(
+        "--limit-image-pixels",
+        type=limit_arg,
+        default=defaults.max_image_pixels,
+        metavar="N",
+        help="most pixels per image, checked before decoding (default: %(default)s)",
+    )
+    group.add_argument(
+        "--limit-images",
+        type=limit_arg,
+        default=defaults.max_images_per_prompt,
+        metavar="N",
+        help="most images per prompt (conversation) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--limit-new-tokens",
+        type=limit_arg,
+        default=defaults.max_new_tokens,
+        metavar="N",
+        help="largest max_new_tokens a request may ask for (default: %(default)s)",
+    )
+    group.add_argument(
+        "--limit-prompt-tokens",
+        type=limit_arg,
+        default=defaults.max_prompt_tokens,
+        metavar="N",
+        help="most prompt tokens after image expansion (default: the model's context length)",
+    )
+
+
+def serving_limits(args: argparse.Namespace):
+    from vila_hd.engine import ServingLimits
+
+    return ServingLimits(
+        max_image_pixels=args.limit_image_pixels,
+        max_images_per_prompt=args.limit_images,
+        max_new_tokens=args.limit_new_tokens,
+        max_prompt_tokens=args.limit_prompt_tokens,
+    )
+
+
 def generation_options(args: argparse.Namespace):
     from vila_hd.engine import GenerationOptions
 
@@ -175,6 +231,7 @@ def load_engine(args: argparse.Namespace, prog: str):
             args.model,
             args.adapter,
             options=generation_options(args),
+            limits=serving_limits(args),
             device=args.device,
             dtype=args.dtype,
             device_map=args.device_map,

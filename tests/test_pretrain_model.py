@@ -1,0 +1,180 @@
+"""PS3 pre-training model: GT-forced selection, pooling rules, training modes, and a short run that learns."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.pretrain.data import BoxCaptionDataset, collate_box_caption
+from train.pretrain.model import PS3ForPretraining, box_recall, pretrain_loss
+from train.pretrain.synthetic import make_records, tiny_ps3_config, write_word_tokenizer
+from vila_hd.ps3 import PS3Tokenizer
+
+SIZE = 448  # scales 112 / 224 / 448: grids 8, 16, 32; budget 160 = [32, 128]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return PS3Tokenizer(str(write_word_tokenizer(tmp_path_factory.mktemp("tok"))), context_length=8, clean="canonicalize")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(seed: int = 0, **kwargs) -> PS3ForPretraining:
+    torch.manual_seed(seed)
+    return PS3ForPretraining(tiny_ps3_config(), **kwargs)
+
+
+def random_batch(batch: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "pixel_values": torch.randint(0, 256, (batch, 3, SIZE, SIZE), generator=g, dtype=torch.uint8),
+        "input_ids": torch.randint(3, 17, (batch, 8), generator=g),
+        "boxes": torch.tensor([[56.0, 112.0, 168.0, 196.0], [0.0, 0.0, 448.0, 448.0], [280.0, 14.0, 448.0, 448.0]])[:batch],
+        "is_global": torch.tensor([False, True, False])[:batch],
+    }
+
+
+@torch.no_grad()
+def test_gt_box_patches_are_selected_before_any_other():
+    """Boxes on 28-px cells (the first high-res grid): the forced region is exactly the box at every scale."""
+    model = tiny_model().eval()
+    batch = random_batch()
+    out = model(**batch)
+    budget = model.config.vision_config.budget_each_scale
+    for scale, (sel, gt_grid) in enumerate(zip(out.selection_maps, (16, 32))):
+        assert int(sel[0].sum()) == budget[scale]
+        for i in (0, 2):
+            x0, y0, x1, y1 = (int(v * gt_grid / SIZE) for v in batch["boxes"][i])
+            box = torch.zeros(gt_grid, gt_grid, dtype=torch.bool)
+            box[y0:y1, x0:x1] = True
+            n_box, n_sel = int(box.sum()), int(sel[i].sum())
+            inside = int(sel[i][box].sum())
+            assert inside == min(n_box, n_sel), (scale, i)  # box first: all of it, or only box patches
+            assert n_sel < n_box or n_box < budget[scale]  # the test covers both cases
+            gt = F.interpolate(out.gt_maps[i : i + 1, None], size=(gt_grid,) * 2, mode="area")[0, 0] > 0
+            assert torch.equal(gt, box)
+    # without GT forcing the top-down probabilities alone decide
+    free = tiny_model(select_with_gt=False, pool_gt_token_only=False).eval()(**batch)
+    assert not torch.equal(free.selection_maps[1][0], out.selection_maps[1][0])
+
+
+@torch.no_grad()
+def test_global_captions_use_the_low_res_pooled_vector():
+    model = tiny_model().eval()
+    batch = random_batch()
+    out = model(**batch)
+    low = model.vision_model.encode_low_res(model.normalize_pixels(batch["pixel_values"]))
+    expected = F.normalize(model.vision_model.trunk.pool(low.hidden_states[-1]), dim=-1)
+    torch.testing.assert_close(out.image_features[1], expected[1])
+    assert not torch.allclose(out.image_features[0], expected[0], atol=1e-3)
+    text = model.text_model(batch["input_ids"])
+    torch.testing.assert_close(out.text_features, F.normalize(text.pooled_output, dim=-1))
+    # top-down probabilities come from each sample's own caption: swapping captions swaps them
+    swapped = model(**{**batch, "input_ids": batch["input_ids"].flip(0)})
+    torch.testing.assert_close(swapped.topdown_probs[0][0], model(**{**batch, "input_ids": batch["input_ids"][[2, 1, 0]]}).topdown_probs[0][0])
+    assert not torch.allclose(swapped.topdown_probs[0][0], out.topdown_probs[0][0])
+
+
+def test_selection_only_training_touches_only_selection_modules():
+    model = tiny_model()
+    trainable = model.train_only_selection()
+    assert trainable and all(
+        n.startswith(("text_model.prompt_proj.", "vision_model.selection_feature_proj.", "vision_model.prior_prompt",
+                      "vision_model.highres_selection_feature_module.", "vision_model.prompt_proj_for_highres."))
+        for n in trainable
+    )
+    out = model(**random_batch())
+    assert out.image_features is None  # no gradient could reach the trainable set through the top-k
+    loss, metrics = pretrain_loss(out)
+    loss.backward()
+    assert "siglip" not in metrics
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == (name in trainable), name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model()
+        model.set_gradient_checkpointing(ckpt)
+        loss, _ = pretrain_loss(model(**random_batch()))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "logit_bias" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bad_inputs_name_the_culprit():
+    model = tiny_model()
+    batch = random_batch()
+    with pytest.raises(ValueError, match="boxes must have batch size 3"):
+        model(**{**batch, "boxes": batch["boxes"][:2]})
+    with pytest.raises(ValueError, match="pixel_values must be uint8 or floating point"):
+        model(**{**batch, "pixel_values": batch["pixel_values"].long()})
+    with pytest.raises(ValueError, match="tokens_per_step=200 must lie in"):
+        PS3ForPretraining(tiny_ps3_config(), tokens_per_step=200)
+    with pytest.raises(ValueError, match="pool_gt_token_only=True needs select_with_gt=True"):
+        PS3ForPretraining(tiny_ps3_config(), select_with_gt=False)
+    cfg = tiny_ps3_config()
+    cfg.text_config.output_dim = 16
+    with pytest.raises(ValueError, match="output_dim=16"):
+        PS3ForPretraining(cfg)
+
+
+def test_short_run_learns_top_down_selection(tokenizer):
+    """Loss falls on the training batch and top-down selection finds the captioned box far above chance."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    train = BoxCaptionDataset(make_records(48, seed=0), tokenizer, SIZE, global_caption_prob=0.25)
+    held_out = BoxCaptionDataset(make_records(24, seed=1), tokenizer, SIZE, global_caption_prob=0.0)
+    loader = torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, collate_fn=collate_box_caption,
+                                         drop_last=True, generator=torch.Generator().manual_seed(0))
+    fixed = collate_box_caption([train[i] for i in range(8)])
+    test_batch = collate_box_caption([held_out[i] for i in range(len(held_out))])
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        loss = pretrain_loss(model(**fixed))[1]["loss"]
+        out = model(**test_batch)
+        model.train()
+        return loss, [box_recall(out.topdown_probs, out.gt_maps, out.is_global, s) for s in (0, 1)]
+
+    loss_before, recall_before = evaluate()
+    optimizer = torch.optim.AdamW(model.param_groups(1e-4), lr=5e-3)
+    step, epoch = 0, 0
+    while step < 30:
+        train.set_epoch(epoch)
+        for batch in itertools.islice(loader, 30 - step):
+            loss, _ = pretrain_loss(model(**batch))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+        epoch += 1
+    loss_after, recall_after = evaluate()
+    assert loss_after < 0.5 * loss_before, (loss_before, loss_after)
+    for (before, chance), (after, _) in zip(recall_before, recall_after):
+        assert after > 2.5 * chance and after > before + 0.05, (before, after, chance)
+
+
+def test_box_recall_counts_box_patches_among_the_top_k():
+    gt = torch.zeros(3, 8, 8)
+    gt[:, 2:4, 2:6] = 1  # 8 of 64 patches
+    perfect = gt.clone() + 0.01 * torch.rand(3, 8, 8)
+    probs = [torch.stack([perfect[0], 1 - perfect[1], perfect[2]])]
+    recall, chance = box_recall(probs, gt, torch.tensor([False, False, True]))
+    assert recall == pytest.approx(0.5) and chance == pytest.approx(8 / 64)  # sample 0 all hits, 1 none, 2 global
+    assert box_recall(probs, gt, torch.ones(3, dtype=torch.bool)) is None
