@@ -245,9 +245,7 @@ class PS3VisionEncoder(nn.Module):
         layers = self._resolve_layers(output_layers)
         plan = self.plan(low.pixel_values, num_look_close, num_token_look_close, only_select_first_n_scale,
                          selection_group_size)
-        bottom_up = self.selection_probs(low)
-        top_down = self.selection_probs(low, prompt) if prompt is not None else None
-        probs = apply_gt_and_smoothing(top_down or bottom_up, gt_selection_maps, smooth_selection_prob)
+        probs, bottom_up, top_down = self._scores(low, prompt, gt_selection_maps, smooth_selection_prob)
         step_maps = self._select(probs, plan, selection_group_size)
         hidden = self._encode_selected(low, step_maps, plan, layers) if plan else None
         states = tuple(
@@ -263,6 +261,13 @@ class PS3VisionEncoder(nn.Module):
             bottomup_selection_probs=bottom_up,
             topdown_selection_probs=top_down,
         )
+
+    def _scores(self, low, prompt, gt_selection_maps, smooth: bool):
+        """(probabilities used for selection, bottom-up, top-down or None); GT forcing and smoothing
+        apply to the first only, the raw maps are what the selection losses supervise."""
+        bottom_up = self.selection_probs(low)
+        top_down = self.selection_probs(low, prompt) if prompt is not None else None
+        return apply_gt_and_smoothing(top_down or bottom_up, gt_selection_maps, smooth), bottom_up, top_down
 
     def _resolve_layers(self, output_layers: Sequence[int] | None) -> list[int]:
         n = self.config.num_hidden_layers
@@ -403,9 +408,7 @@ class PS3VisionEncoder(nn.Module):
         step_budget = sum(self.config.budget_each_scale)
         tokens = num_token_look_close if num_token_look_close is not None and num_token_look_close <= step_budget else None
         plan = self.plan(low.pixel_values, steps=[StepSpec(tokens=tokens)])
-        bottom_up = self.selection_probs(low)
-        top_down = self.selection_probs(low, prompt) if prompt is not None else None
-        probs = apply_gt_and_smoothing(top_down or bottom_up, gt_selection_maps, smooth_selection_prob)
+        probs, bottom_up, top_down = self._scores(low, prompt, gt_selection_maps, smooth_selection_prob)
         step_maps = self._select(probs, plan, 1)
         last = self.config.num_hidden_layers - 1
         high = self._encode_selected(low, step_maps, plan, [last])[0]
