@@ -9,7 +9,7 @@ STAMP := $(VENV)/.vila-hd-installed
 # a multi-GB CUDA build. The package itself keeps a loose requirement (torch>=2.5).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test lint demo clean-venv
+.PHONY: venv test lint demo reliability clean-venv
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ lint: venv
 
 demo: venv
 	$(VPY) -m vila_hd.demo --out outputs/demo
+
+# Fuzzers and fault injection at full counts; rewrites docs/reliability.md (about 5 minutes on 2 cores).
+reliability: venv
+	$(VPY) -m tests.reliability
 
 clean-venv:
 	rm -rf $(VENV)

@@ -82,7 +82,7 @@ def llava_to_messages(conversations: Iterable[dict[str, Any]]) -> list[dict[str,
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise ValueError(f"conversation turn {i} must be a dict with 'from' and 'value', got {turn!r}")
-        role = _LLAVA_ROLES.get(turn["from"])
+        role = _LLAVA_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise ValueError(f"conversation turn {i} has unknown sender {turn['from']!r}; expected human/gpt/system")
         if not isinstance(turn["value"], str):

@@ -15,6 +15,11 @@ Registry YAML (paths relative to the registry file)::
       path: data/llava_v1_5_mix665k.json     # .json / .jsonl (LLaVA), .parquet, a saved dataset directory
       media: data/images                      # folder the image paths are relative to
       format: llava                           # llava | messages (default: llava for .json/.jsonl)
+      allow_outside_media: false              # true: records may name absolute paths and ../ escapes
+
+Image paths of records are relative to ``media`` and must stay inside it: an absolute path or a ``..`` that
+leaves the folder is a bad sample (``image path escapes the media folder``) unless the entry sets
+``allow_outside_media: true`` (scraped data must not make training read arbitrary files).
 
 Mixtures: ``a+b*3+c@0.5`` -- ``*N`` repeats a dataset N times, ``@F`` keeps a fixed pseudo-random fraction
 F of it (chosen with the mixture seed; both may be combined, ``c@0.5*2``).
@@ -76,6 +81,7 @@ class DatasetEntry:
     path: str
     media: str | None = None
     format: str = "llava"
+    allow_outside_media: bool = False  # let records name absolute paths / ../ escapes out of ``media``
 
 
 # --- registry -------------------------------------------------------------------------------------
@@ -87,9 +93,13 @@ def make_entry(name: str, spec: dict[str, Any], base_dir: str | None = None) -> 
     """Validate one registry entry; relative paths are taken from ``base_dir``."""
     if not isinstance(spec, dict) or "path" not in spec:
         raise ValueError(f"dataset {name!r}: an entry needs at least 'path' (got {spec!r})")
-    unknown = set(spec) - {"path", "media", "format", "description"}
+    unknown = set(spec) - {"path", "media", "format", "description", "allow_outside_media"}
     if unknown:
-        raise ValueError(f"dataset {name!r}: unknown field(s) {sorted(unknown)}; known: path, media, format, description")
+        raise ValueError(f"dataset {name!r}: unknown field(s) {sorted(unknown)}; known: path, media, format, "
+                         "description, allow_outside_media")
+    allow_outside = spec.get("allow_outside_media", False)
+    if not isinstance(allow_outside, bool):
+        raise ValueError(f"dataset {name!r}: allow_outside_media must be true or false, got {allow_outside!r}")
 
     def resolve(p):
         if p is None:
@@ -101,7 +111,8 @@ def make_entry(name: str, spec: dict[str, Any], base_dir: str | None = None) -> 
     fmt = spec.get("format") or _guess_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"dataset {name!r}: format must be one of {FORMATS}, got {fmt!r}")
-    return DatasetEntry(name=name, path=path, media=resolve(spec.get("media")), format=fmt)
+    return DatasetEntry(name=name, path=path, media=resolve(spec.get("media")), format=fmt,
+                        allow_outside_media=allow_outside)
 
 
 def load_registry(path: str | os.PathLike) -> dict[str, DatasetEntry]:
@@ -171,8 +182,12 @@ class LlavaSource:
                         self._offsets.append(pos)
                     pos += len(line)
         else:
-            with open(entry.path) as f:
-                records = json.load(f)
+            try:
+                with open(entry.path, encoding="utf-8") as f:
+                    records = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:  # one JSON document: nothing to skip to
+                raise ValueError(f"dataset {entry.name!r}: {entry.path} is not a UTF-8 JSON document ({err}); "
+                                 "JSONL (one record per line) lets training skip the bad records instead") from None
             if not isinstance(records, list):
                 raise ValueError(f"dataset {entry.name!r}: {entry.path} must hold a JSON list of samples")
             self._records = records
@@ -188,11 +203,13 @@ class LlavaSource:
             line = f.readline()
         try:
             return json.loads(line)
+        except UnicodeDecodeError as err:  # json.loads(bytes) decodes first: a line of Latin-1, binary...
+            raise SampleError(MALFORMED, f"line is not UTF-8 text ({err})") from None
         except json.JSONDecodeError as err:
             raise SampleError(MALFORMED, f"line is not valid JSON ({err})") from None
 
     def __getitem__(self, index: int) -> RawSample:
-        return llava_record_to_sample(self.record(index), index, self.entry.media)
+        return llava_record_to_sample(self.record(index), index, self.entry.media, self.entry.allow_outside_media)
 
 
 class MessagesSource:
@@ -228,7 +245,7 @@ class MessagesSource:
         return self.dataset[index]
 
     def __getitem__(self, index: int) -> RawSample:
-        return messages_record_to_sample(self.record(index), index, self.entry.media)
+        return messages_record_to_sample(self.record(index), index, self.entry.media, self.entry.allow_outside_media)
 
 
 def open_source(entry: DatasetEntry):
@@ -236,16 +253,21 @@ def open_source(entry: DatasetEntry):
 
 
 # --- record -> RawSample ----------------------------------------------------------------------------
-def resolve_media_path(path: Any, media: str | None) -> str:
-    """Image path of a record: relative paths are joined to ``media`` and must stay inside it."""
+def resolve_media_path(path: Any, media: str | None, allow_outside: bool = False) -> str:
+    """Image path of a record: joined to ``media``, and refused (``PATH_ESCAPES``) when it leaves it -- an
+    absolute path or a ``..`` escape -- unless ``allow_outside``. Without a media folder, paths are taken as is."""
     if not isinstance(path, str) or not path:
         raise SampleError(MALFORMED, f"image entry must be a non-empty path string, got {path!r}")
-    if os.path.isabs(path) or media is None:
+    if "\0" in path:
+        raise SampleError(MALFORMED, f"image path {path!r} contains a NUL character")
+    if media is None:
         return path
     root = os.path.abspath(media)
-    full = os.path.abspath(os.path.join(root, path))
-    if os.path.commonpath([root, full]) != root:
-        raise SampleError(PATH_ESCAPES, f"{path!r} resolves outside {root}")
+    full = os.path.abspath(os.path.join(root, path))  # an absolute `path` replaces the root here
+    if not allow_outside and os.path.commonpath([root, full]) != root:
+        kind = "an absolute path" if os.path.isabs(path) else "a path"
+        raise SampleError(PATH_ESCAPES, f"{path!r} is {kind} outside the media folder {root} (set "
+                                        "allow_outside_media: true on the dataset to allow that)")
     return full
 
 
@@ -273,12 +295,22 @@ def _boxes(record: dict, num_images: int) -> list[list[float] | None]:
     return out
 
 
+def _check_text(messages: list[dict[str, str]]) -> None:
+    """Reject text no tokenizer can take: lone surrogates (JSON ``"\\udcff"`` escapes, mis-decoded bytes)."""
+    for i, m in enumerate(messages):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise SampleError(MALFORMED, f"turn {i} holds text that is not valid Unicode ({err.reason} at "
+                                         f"character {err.start})") from None
+
+
 def _sample_id(record: dict, index: int) -> str:
     value = record.get("id", record.get("sample_id"))
     return str(value) if value is not None else f"#{index}"
 
 
-def llava_record_to_sample(record: Any, index: int, media: str | None) -> RawSample:
+def llava_record_to_sample(record: Any, index: int, media: str | None, allow_outside: bool = False) -> RawSample:
     """A LLaVA record -> :class:`RawSample` (raises :class:`SampleError`)."""
     if not isinstance(record, dict):
         raise SampleError(MALFORMED, f"a sample must be a JSON object, got {type(record).__name__}")
@@ -292,14 +324,17 @@ def llava_record_to_sample(record: Any, index: int, media: str | None) -> RawSam
         messages = llava_to_messages(conversations)
     except ValueError as err:
         raise SampleError(MALFORMED, str(err)) from None
+    _check_text(messages)
     image = record.get("image", record.get("images"))
     images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
-    paths = [resolve_media_path(p, media) for p in images]
+    paths = [resolve_media_path(p, media, allow_outside) for p in images]
     return RawSample(sid, messages, paths, _boxes(record, len(paths)))
 
 
-def messages_record_to_sample(record: Any, index: int, media: str | None) -> RawSample:
+def messages_record_to_sample(record: Any, index: int, media: str | None, allow_outside: bool = False) -> RawSample:
     """A ``messages`` + ``images`` record -> :class:`RawSample` (raises :class:`SampleError`)."""
+    if not isinstance(record, dict):
+        raise SampleError(MALFORMED, f"a sample must be a mapping, got {type(record).__name__}")
     sid = _sample_id(record, index)
     raw_messages = record.get("messages")
     if not raw_messages:
@@ -311,6 +346,7 @@ def messages_record_to_sample(record: Any, index: int, media: str | None) -> Raw
     for i, m in enumerate(messages):
         if m["role"] not in ("system", "user", "assistant") or not isinstance(m["content"], str):
             raise SampleError(MALFORMED, f"message {i} has role {m['role']!r} / content {type(m['content']).__name__}")
+    _check_text(messages)
     column = record.get("images") or []
     if not isinstance(column, (list, tuple)):
         column = [column]
@@ -320,7 +356,7 @@ def messages_record_to_sample(record: Any, index: int, media: str | None) -> Raw
     for im in images:
         if isinstance(im, dict):  # datasets' Image feature without decoding: {"bytes", "path"}
             im = im.get("bytes") or im.get("path")
-        resolved.append(resolve_media_path(im, media) if isinstance(im, str) else im)
+        resolved.append(resolve_media_path(im, media, allow_outside) if isinstance(im, str) else im)
     return RawSample(sid, messages, resolved, _boxes(record, len(resolved)))
 
 

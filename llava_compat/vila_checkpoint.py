@@ -54,6 +54,8 @@ def is_vila_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def _check_layout(path: str) -> dict[str, Any]:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"VILA checkpoint directory {path} does not exist")
     if not is_vila_checkpoint(path):
         raise CheckpointError(f"{path} is not a VILA checkpoint (config.json model_type not in {VILA_MODEL_TYPES})")
     missing = [d for d in SUBDIRS if not os.path.isdir(os.path.join(path, d))]
@@ -214,12 +216,15 @@ def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     """Load a VILA-layout checkpoint as a :class:`VilaHDForConditionalGeneration` (eval mode)."""
     from transformers import AutoModelForCausalLM
 
+    from vila_hd.model.hub import refuse_pickled_weights
     from vila_hd.model.modeling import VilaHDForConditionalGeneration, default_attn_implementation
     from vila_hd.ps3 import PS3VisionModel
 
     path = os.fspath(path)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
+    for part in ("llm", "vision_tower"):  # mm_projector: read_safetensors_dir refuses pickles itself
+        refuse_pickled_weights(os.path.join(path, part), "VILA checkpoint part")
     config = read_vila_config(path)
     processor = load_vila_processor(path, config)
     llm, info = AutoModelForCausalLM.from_pretrained(

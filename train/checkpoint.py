@@ -129,10 +129,13 @@ def save(engine, output_dir: str, step: int, state: dict[str, Any], keep_last: i
             shutil.rmtree(tmp)
         os.makedirs(os.path.join(tmp, "rng"))
     _barrier()
-    engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={"step": step}, save_latest=False)
-    torch.save(capture_rng(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
-    if extra is not None:
-        extra(tmp)
+    try:
+        engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={"step": step}, save_latest=False)
+        torch.save(capture_rng(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+        if extra is not None:
+            extra(tmp)
+    except Exception as err:  # a full disk surfaces as OSError, or as torch's "iostream error"
+        raise CheckpointWriteError(_write_failure(root, step, err)) from err
     _barrier()
     if rank == 0:
         _write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(dict(state, step=step), indent=2))
@@ -143,12 +146,37 @@ def save(engine, output_dir: str, step: int, state: dict[str, Any], keep_last: i
     return final
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error); the previous one is intact."""
+
+
+def _write_failure(root: str, step: int, err: Exception) -> str:
+    try:
+        free = shutil.disk_usage(root).free / 2**20
+        space = f"{free:.1f} MiB free there" + (": the disk is full" if free < 64 else "")
+    except OSError:
+        space = "free space unknown"
+    previous = _read_latest(root)
+    return (f"could not write checkpoint {step_name(step)} in {root} ({type(err).__name__}: {err}); {space}. "
+            f"The previous checkpoint ({previous or 'none yet'}) is untouched and `latest` still names it: free "
+            "some space and start the same command again to resume from it")
+
+
 def _publish(tmp: str, final: str) -> None:
     """The commit point: the temporary directory becomes the checkpoint."""
     if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     _fsync_dir(os.path.dirname(final))
+
+
+def _remove(path: str) -> None:
+    """Delete a checkpoint directory without ever showing a half-deleted ``step_*``: one atomic rename to a
+    ``.tmp-`` name (removed at the next start if a kill interrupts the deletion), then the deletion."""
+    trash = os.path.join(os.path.dirname(path), ".tmp-removed-" + os.path.basename(path))
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def complete_checkpoints(root: str) -> list[tuple[int, str]]:
@@ -171,7 +199,7 @@ def prune(root: str, keep_last: int) -> None:
     latest = _read_latest(root)
     for _, path in complete_checkpoints(root)[:-keep_last]:
         if os.path.basename(path) != latest:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
 
 
 def clean_partial(output_dir: str) -> None:

@@ -114,13 +114,16 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> int:
 
 
 def data_main(argv: Sequence[str] | None = None) -> int:
-    """``vila-hd data check``: validate training data; exit code 1 when a bad sample is found."""
+    """``vila-hd data check``: validate training data; exit code 1 when a bad sample is found, 2 when the data
+    cannot be opened at all (a missing file, a JSON document that does not parse)."""
     parser = argparse.ArgumentParser(prog="vila-hd data", description="Data tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="report every sample training would skip, with its reason")
     check.add_argument("target", metavar="CONFIG_OR_FILE",
                        help="a stage recipe, a dataset registry YAML, or a data file / saved dataset directory")
     check.add_argument("--media", help="media folder (for a data file)")
+    check.add_argument("--allow-outside-media", action="store_true",
+                       help="(for a data file) let records name absolute paths and ../ escapes out of --media")
     check.add_argument("--format", choices=["llava", "messages"])
     check.add_argument("--mixture", help="check only these datasets of a registry (mixture syntax)")
     check.add_argument("--model", help="checkpoint whose tokenizer / chat template / token layout to use")
@@ -135,7 +138,11 @@ def data_main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     _set_args(check)
     args = parser.parse_args(argv)
-    report = run_check(args)
+    try:
+        report = run_check(args)
+    except (OSError, ValueError, KeyError) as err:  # a data file that cannot be opened at all: say which and why
+        print(f"vila-hd data check: error: {err}", file=sys.stderr)
+        return 2
     print(report.format(args.show))
     if args.json:
         with open(args.json, "w") as f:
@@ -172,6 +179,8 @@ def run_check(args):
             spec["media"] = os.path.abspath(args.media)
         if args.format:
             spec["format"] = args.format
+        if args.allow_outside_media:
+            spec["allow_outside_media"] = True
         registry = {os.path.basename(args.target.rstrip("/")): ds.make_entry("data", spec)}
     mixture = args.mixture or (stage.data.mixture if kind == "stage" else None)
     names = list(dict.fromkeys(t.name for t in ds.parse_mixture(mixture))) if mixture else list(registry)

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from vila_hd.engine import Engine, GenerationOptions, GenerationStats, ImageSelection
+from vila_hd.engine import Engine, GenerationOptions, GenerationStats, ImageSelection, ServingLimits
 
 
 class VilaHD:
@@ -89,15 +89,24 @@ def load(
     dtype: str | None = None,
     device_map: str | dict | None = None,
     load_4bit: bool = False,
+    limits: ServingLimits | None = None,
     **generation_options: Any,
 ) -> VilaHD:
     """Load a VILA-HD checkpoint (directory or Hub id, our layout or VILA's; a LoRA adapter directory works
     too) for inference. Device and dtype default to CUDA + bf16 when a GPU is present, else CPU + fp32.
 
-    ``generation_options`` become the defaults of :meth:`VilaHD.chat` (e.g. ``max_new_tokens=128``)."""
+    ``generation_options`` become the defaults of :meth:`VilaHD.chat` (e.g. ``max_new_tokens=128``); ``limits``
+    (:class:`~vila_hd.engine.ServingLimits`) bound every request (pixels, images, new and prompt tokens)."""
     options = GenerationOptions().updated(**generation_options)
     return VilaHD(
         Engine.from_pretrained(
-            path_or_id, adapter, options=options, device=device, dtype=dtype, device_map=device_map, load_4bit=load_4bit
+            path_or_id,
+            adapter,
+            options=options,
+            limits=limits,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            load_4bit=load_4bit,
         )
     )

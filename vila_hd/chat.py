@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from vila_hd.engine import Engine, GenerationOptions, GenerationResult
+from vila_hd.engine import Engine, GenerationOptions, GenerationResult, LimitExceeded
 from vila_hd.images import ImageLoadError
 
 COMMAND = "chat"
@@ -79,8 +79,10 @@ class ChatSession:
         ok = True
         for path in paths:
             try:
+                held = len(self.conversation.images) + len(self.conversation.pending_images)
+                self.engine.limits.check_images(held + 1, "this conversation")
                 image = self.conversation.add_image(path, self.engine.max_image_pixels)
-            except ImageLoadError as error:
+            except (ImageLoadError, LimitExceeded) as error:
                 self.warn(str(error))
                 ok = False
                 continue
@@ -193,10 +195,16 @@ class ChatSession:
             return
         field, convert, expected = SETTINGS[key]
         try:
-            self.options = self.options.updated(**{field: convert(value)})
+            options = self.options.updated(**{field: convert(value)})
         except ValueError:
             self.warn(f"bad value for /set {key}: expected {expected}, got {value!r}")
             return
+        try:
+            self.engine.limits.check_new_tokens(options.max_new_tokens)
+        except LimitExceeded as error:
+            self.warn(str(error))
+            return
+        self.options = options
         self.say(self.describe_settings())
 
     def cmd_show(self, rest: str) -> None:
@@ -310,7 +318,7 @@ def repl(session: ChatSession, read: Callable[[str], str]) -> None:
 
 # --- the command ----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vila_hd.cli import add_generation_arguments, add_model_arguments
+    from vila_hd.cli import add_generation_arguments, add_limit_arguments, add_model_arguments
 
     parser.add_argument(
         "--image",
@@ -329,6 +337,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", metavar="TEXT", help="system message")
     add_model_arguments(parser)
     add_generation_arguments(parser)
+    add_limit_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,9 @@
 - :class:`Conversation`: messages (with ``<image>`` placeholders) and the images they refer to.
 - :class:`Engine`: ``generate`` / ``stream`` (text chunks as soon as they are decoded, stoppable from
   another thread) / ``generate_batch`` / ``selection``, each answer with :class:`GenerationStats`.
+- :class:`ServingLimits`: what one request may cost (pixels per image, images per prompt, new tokens, prompt
+  tokens after image expansion), enforced by the engine for chat, infer and the Python API alike; a request
+  over a limit raises :class:`LimitExceeded` naming the limit, the value and the setting that raises it.
 
 Timings: *preprocess* (chat template, tokenisation, image resizing), *prefix* (the LLM pass over the
 question that steers top-down selection), *encode* (PS3 and the projector: the rest of the time to the
@@ -131,6 +134,69 @@ class GenerationOptions:
         if fields.get("num_token_look_close") is not None:
             fields.setdefault("num_look_close", None)
         return dataclasses.replace(self, **fields)
+
+
+class LimitExceeded(ValueError):
+    """A request is over a :class:`ServingLimits` limit; the message names the limit and how to raise it."""
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one request may ask of the engine; ``None`` lifts a limit.
+
+    Attributes:
+        max_image_pixels: pixels of one image, checked from the file header before decoding (``--limit-image-pixels``).
+        max_images_per_prompt: images in one conversation, all turns together (``--limit-images``).
+        max_new_tokens: the largest ``max_new_tokens`` a request may ask for (``--limit-new-tokens``).
+        max_prompt_tokens: prompt tokens after each ``<image>`` became its image tokens (``--limit-prompt-tokens``);
+            ``None``: the LLM's context length (``max_position_embeddings``) when its config has one.
+    """
+
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_images_per_prompt: int | None = 32
+    max_new_tokens: int | None = 4096
+    max_prompt_tokens: int | None = None
+
+    FLAGS = {
+        "max_image_pixels": "--limit-image-pixels",
+        "max_images_per_prompt": "--limit-images",
+        "max_new_tokens": "--limit-new-tokens",
+        "max_prompt_tokens": "--limit-prompt-tokens",
+    }
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ServingLimits.{f.name} must be a positive integer or None, got {value!r}")
+
+    def exceeded(self, name: str, what: str, value: int, limit: int | None = None) -> LimitExceeded:
+        limit = getattr(self, name) if limit is None else limit
+        return LimitExceeded(
+            f"{what} is {value}, above the serving limit {name}={limit} (ServingLimits.{name}, "
+            f"{self.FLAGS[name]} on the command line)"
+        )
+
+    def check_images(self, count: int, where: str = "the prompt") -> None:
+        if self.max_images_per_prompt is not None and count > self.max_images_per_prompt:
+            raise self.exceeded("max_images_per_prompt", f"the number of images in {where}", count)
+
+    def check_image(self, image: Image.Image, where: str = "an image") -> None:
+        pixels = image.width * image.height
+        if self.max_image_pixels is not None and pixels > self.max_image_pixels:
+            raise self.exceeded("max_image_pixels", f"{where} ({image.width} x {image.height}) pixel count", pixels)
+
+    def check_new_tokens(self, requested: int) -> None:
+        if self.max_new_tokens is not None and requested > self.max_new_tokens:
+            raise self.exceeded("max_new_tokens", "the requested max_new_tokens", requested)
+
+    def prompt_limit(self, model_config: Any) -> int | None:
+        """The prompt-token limit in force: the configured one, else the LLM's context length (if known)."""
+        if self.max_prompt_tokens is not None:
+            return self.max_prompt_tokens
+        text_config = getattr(model_config, "text_config", model_config)
+        context = getattr(text_config, "max_position_embeddings", None)
+        return context if isinstance(context, int) and context > 0 else None
 
 
 # --- conversation -------------------------------------------------------------------------------------
@@ -332,18 +398,12 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, what: str = "model", **hub
 
     A path that is neither an existing directory nor shaped like a Hub id is reported as missing, without
     asking the Hub."""
-    from vila_hd.model.hub import resolve_model_dir
+    from vila_hd.model.hub import locate, resolve_model_dir
 
-    path = os.fspath(path_or_id)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
+    path, local = locate(path_or_id, f"{what} directory")
+    if local and not os.path.isdir(path):
         raise NotADirectoryError(f"{what} {path} is a file; expected a checkpoint directory or a Hub id")
-    parts = path.split("/")
-    hub_like = len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
-    if not hub_like:
-        raise FileNotFoundError(f"{what} directory {path} does not exist")
-    return resolve_model_dir(path, kind="model", **hub_kwargs)
+    return path if local else resolve_model_dir(path, kind="model", **hub_kwargs)
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -479,6 +539,9 @@ def _apply_adapter(model, adapter_dir: str, merge: bool):
         from peft import PeftModel
     except ImportError as err:
         raise ImportError(f"loading the adapter {adapter_dir} needs peft (pip install peft)") from err
+    from vila_hd.model.hub import refuse_pickled_weights
+
+    refuse_pickled_weights(adapter_dir, "LoRA adapter")  # (peft would unpickle adapter_model.bin weights-only)
     wrapped = PeftModel.from_pretrained(model, adapter_dir)
     # peft injects the LoRA layers in place: the unwrapped model runs with them (merged or not).
     return wrapped.merge_and_unload() if merge else wrapped.get_base_model()
@@ -617,11 +680,18 @@ class Engine:
         processor,
         options: GenerationOptions | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        limits: ServingLimits | None = None,
     ):
+        """``limits`` (default :class:`ServingLimits()`) bound every request; ``max_image_pixels`` is the older
+        spelling of ``limits.max_image_pixels`` (used when ``limits`` is not given)."""
         self.model = model
         self.processor = processor
+        self.limits = limits if limits is not None else ServingLimits(max_image_pixels=max_image_pixels)
         self.options = options or GenerationOptions()
-        self.max_image_pixels = max_image_pixels
+
+    @property
+    def max_image_pixels(self) -> int | None:
+        return self.limits.max_image_pixels
 
     @classmethod
     def from_pretrained(
@@ -630,11 +700,12 @@ class Engine:
         adapter: str | os.PathLike | None = None,
         *,
         options: GenerationOptions | None = None,
+        limits: ServingLimits | None = None,
         **load_kwargs: Any,
     ) -> Engine:
         """:func:`load_model` + an engine around it."""
         loaded, processor = load_model(model, adapter, **load_kwargs)
-        return cls(loaded, processor, options)
+        return cls(loaded, processor, options, limits=limits)
 
     # --- conversations ---------------------------------------------------------------------------------
     def conversation(self, system: str | None = None) -> Conversation:
@@ -644,6 +715,7 @@ class Engine:
         """A conversation of one user message. Without ``<image>`` placeholders in ``text`` the images go
         first; with them, their count must match the images."""
         images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        self.limits.check_images(len(images))  # before loading any of them
         conv = self.conversation(system)
         token = self.processor.image_token
         if token in text:
@@ -720,6 +792,7 @@ class Engine:
         for i, conv in enumerate(conversations):
             if not conv.messages or conv.messages[-1]["role"] != "user":
                 raise ValueError(f"conversation {i} does not end with a user message; nothing to answer")
+        self._check_limits(conversations, options)
         texts = [
             self.processor.apply_chat_template(c.chat_messages(), add_generation_prompt=True) for c in conversations
         ]
@@ -730,6 +803,7 @@ class Engine:
             num_look_close=options.num_look_close,
             num_token_look_close=options.num_token_look_close,
         )
+        self._check_prompt_length(inputs, images)
         steps, tokens = inputs["num_look_close"], inputs["num_token_look_close"]
         mode = options.look_close_mode or self.model.config.look_close_mode
         stats = GenerationStats(
@@ -751,6 +825,32 @@ class Engine:
             stats.selected_patches = layout.num_selected_patches
             stats.total_patches = sum(h * w for h, w in layout.high_res_grids)
         return inputs.to(self.input_device), stats
+
+    def _check_limits(self, conversations: list[Conversation], options: GenerationOptions) -> None:
+        """The limits that need no tokenisation: new tokens, images per prompt, pixels per image."""
+        self.limits.check_new_tokens(options.max_new_tokens)
+        for i, conv in enumerate(conversations):
+            where = "the prompt" if len(conversations) == 1 else f"conversation {i}"
+            self.limits.check_images(len(conv.images), where)
+            for j, image in enumerate(conv.images):  # images added as PIL objects skipped the loader's check
+                self.limits.check_image(image, f"image {j + 1} of {where}")
+
+    def _check_prompt_length(self, inputs, images: list[list[Image.Image]]) -> None:
+        limit = self.limits.prompt_limit(self.model.config)
+        if limit is None:
+            return
+        lengths = inputs["attention_mask"].sum(-1).tolist()
+        for i, length in enumerate(lengths):
+            if length <= limit:
+                continue
+            where = "the prompt" if len(lengths) == 1 else f"the prompt of conversation {i}"
+            what = f"{where} after image expansion ({len(images[i])} image(s)) in tokens"
+            if self.limits.max_prompt_tokens is None:
+                raise LimitExceeded(
+                    f"{what} is {int(length)}, above the model's context length {limit} (max_position_embeddings); "
+                    "use fewer or smaller images, fewer look-close tokens or a shorter conversation"
+                )
+            raise self.limits.exceeded("max_prompt_tokens", what, int(length))
 
     def _generation_config(self, options: GenerationOptions):
         config = copy.deepcopy(self.model.generation_config)

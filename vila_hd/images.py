@@ -4,7 +4,12 @@ What it guarantees, whatever the source:
 - an RGB `PIL.Image.Image`, fully decoded (a truncated file fails here, not deep inside a training step);
 - the pixel limit is checked from the header *before* decoding, so a decompression bomb costs nothing;
 - EXIF orientation applied; the first frame of animated / multi-page files;
-- every failure is an `ImageLoadError` whose message names the culprit (path or description) and the reason.
+- every failure is an `ImageLoadError` whose message names the culprit (path or description) and the reason,
+  whatever a decoder raised on malformed data (tests/test_fuzz_images.py feeds it thousands of mutated files);
+- files and bytes are decoded only in `ACCEPTED_FORMATS`: raster formats Pillow decodes itself. Never EPS / PS
+  (Pillow hands those to Ghostscript, an interpreter) nor the rarely used formats whose decoders see little use;
+  open such a file with Pillow yourself and pass the image if you trust it;
+- a path must name a regular file: a FIFO or a device would block or never end, a symlink loop is an error.
 
 Conversion rules (mode -> RGB):
 - RGBA, LA, PA, RGBa, La and P/L/RGB with a transparency key are composited on a white background.
@@ -26,8 +31,10 @@ they use the same `max_pixels` and take turns otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
+import stat
 import struct
 import sys
 import threading
@@ -39,10 +46,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image"]
+__all__ = ["ACCEPTED_FORMATS", "DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image"]
 
 # Pillow's own hard limit (2 * Image.MAX_IMAGE_PIXELS): about 4K x 4K x 11, far above any training resolution.
 DEFAULT_MAX_PIXELS = 178_956_970
+
+# Pillow format names tried when decoding files and bytes (a PIL image passed in is taken whatever its format).
+# (JPEG covers MPO, PPM covers PGM / PBM / PFM.)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "DIB", "PPM", "ICO", "AVIF", "JPEG2000")
 
 _ALPHA_MODES = {"RGBA", "LA", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -94,30 +105,40 @@ def _from_path(path: str | os.PathLike, max_pixels: int | None) -> Image.Image:
     name = os.fspath(path)
     if isinstance(name, bytes):
         name = os.fsdecode(name)
-    if os.path.isdir(name):
-        raise ImageLoadError(f"{name}: is a directory, not an image file")
     try:
+        mode = os.stat(name).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageLoadError(f"{name}: is a directory, not an image file")
+        if not stat.S_ISREG(mode):  # a FIFO would block and a device may never end
+            raise ImageLoadError(f"{name}: not a regular file (a pipe, socket or device)")
         with open(name, "rb") as f:
             return _decode(f, name, max_pixels)
     except FileNotFoundError:
         raise ImageLoadError(f"{name}: not found") from None
     except PermissionError as e:
         raise ImageLoadError(f"{name}: cannot read ({e.strerror})") from None
+    except OSError as e:  # a symlink loop, a name too long, an I/O error...
+        raise ImageLoadError(f"{name!r}: cannot open ({e.strerror or e})") from None
+    except ValueError as e:
+        if isinstance(e, ImageLoadError):
+            raise
+        raise ImageLoadError(f"{name!r}: not a usable path ({e})") from None
 
 
 def _decode(fp: Any, name: str, max_pixels: int | None) -> Image.Image:
     """Open lazily, check the header size, decode the first frame fully, orient and convert."""
     with _PIL_SETTINGS.applied(max_pixels):
         try:
-            im = Image.open(fp)
+            im = Image.open(fp, formats=_open_formats())
         except UnidentifiedImageError:
-            raise ImageLoadError(f"{name}: unrecognised image format{_empty_hint(fp)}") from None
+            raise ImageLoadError(f"{name}: {_unidentified_reason(fp)}") from None
         except _BOMB_ERRORS as e:
             raise _pil_bomb_error(e, name, max_pixels) from None
-        except _DECODE_ERRORS as e:
-            raise ImageLoadError(f"{name}: cannot read image header ({e})") from None
+        except Exception as e:  # decoders raise many types on malformed headers; the file is the culprit
+            raise ImageLoadError(f"{name}: cannot read image header ({_describe(e)})") from None
         _check_size(im.size, name, max_pixels)
         _load_first_frame(im, name, max_pixels)
+        _check_size(im.size, name, max_pixels)  # some formats learn their final size while decoding
         im = _exif_transpose(im, in_place=True)
         rgb = _to_rgb(im, name)
     # The opened image still refers to its (soon closed) file; hand back a detached copy.
@@ -132,8 +153,8 @@ def _from_pil(im: Image.Image, max_pixels: int | None) -> Image.Image:
             im.load()  # a no-op for decoded images; decodes a lazily opened one
         except _BOMB_ERRORS as e:
             raise _pil_bomb_error(e, name, max_pixels) from None
-        except _DECODE_ERRORS as e:
-            raise ImageLoadError(f"{name}: cannot decode image ({e})") from None
+        except Exception as e:
+            raise ImageLoadError(f"{name}: cannot decode image ({_describe(e)})") from None
     # The caller keeps its object: orientation and conversion work on copies (or return it when nothing changes).
     im = _exif_transpose(im, in_place=False)
     return _to_rgb(im, name)
@@ -232,15 +253,54 @@ def _pil_bomb_error(e: BaseException, name: str, max_pixels: int | None) -> Imag
     return ImageLoadError(_bomb_message(name, size, max_pixels))
 
 
-def _empty_hint(fp: Any) -> str:
+def _describe(e: BaseException) -> str:
+    """The decoder's message, with the exception type where it says more than "corrupt data"."""
+    return str(e) if isinstance(e, _DECODE_ERRORS) else f"{type(e).__name__}: {e}"
+
+
+def _unidentified_reason(fp: Any) -> str:
+    """Why Pillow recognised nothing: an empty file, a format we refuse, or an unknown one."""
     try:
         pos = fp.tell()
         fp.seek(0, os.SEEK_END)
         empty = fp.tell() == 0
+        fp.seek(0)
+        head = fp.read(16)
         fp.seek(pos)
     except (OSError, AttributeError, ValueError):
-        return ""
-    return " (the file is empty)" if empty else ""
+        return "unrecognised image format"
+    if empty:
+        return "unrecognised image format (the file is empty)"
+    refused = _refused_format(head)
+    if refused:
+        return (
+            f"{refused} images are not accepted (accepted: {', '.join(ACCEPTED_FORMATS)}); convert the file, or "
+            "open it with Pillow yourself and pass the image if you trust it"
+        )
+    return "unrecognised image format"
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    """ACCEPTED_FORMATS that this Pillow build can open (AVIF and JPEG 2000 are optional)."""
+    Image.init()
+    return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
+
+
+def _refused_format(head: bytes) -> str | None:
+    """The name of a registered format outside ACCEPTED_FORMATS whose signature check accepts ``head``. Only
+    the formats' cheap prefix checks run; none of their decoders."""
+    Image.init()
+    for format_name in Image.ID:
+        if format_name in ACCEPTED_FORMATS:
+            continue
+        _, accept = Image.OPEN[format_name]
+        try:
+            if accept and accept(head):
+                return format_name
+        except Exception:  # a signature check that chokes on 16 bytes recognises nothing
+            continue
+    return None
 
 
 def _load_first_frame(im: Image.Image, name: str, max_pixels: int | None) -> None:
@@ -250,8 +310,10 @@ def _load_first_frame(im: Image.Image, name: str, max_pixels: int | None) -> Non
         im.load()
     except _BOMB_ERRORS as e:
         raise _pil_bomb_error(e, name, max_pixels) from None
-    except _DECODE_ERRORS as e:
-        raise ImageLoadError(f"{name}: cannot decode image, the file is corrupt or truncated ({e})") from None
+    except Exception as e:  # decoders raise many types on malformed data; the file is the culprit
+        raise ImageLoadError(
+            f"{name}: cannot decode image, the file is corrupt or truncated ({_describe(e)})"
+        ) from None
 
 
 def _exif_transpose(im: Image.Image, *, in_place: bool) -> Image.Image:
@@ -266,6 +328,13 @@ def _exif_transpose(im: Image.Image, *, in_place: bool) -> Image.Image:
 
 
 def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+    try:
+        return _convert_to_rgb(im)
+    except Exception as e:  # an odd mode, or transparency data that does not fit the mode
+        raise ImageLoadError(f"{name}: cannot convert mode {im.mode} to RGB ({_describe(e)})") from None
+
+
+def _convert_to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode == "RGB" and "transparency" not in im.info:
         return im
@@ -279,10 +348,7 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
         return Image.fromarray(_int32_to_uint8(np.asarray(im))).convert("RGB")
     if mode == "F":
         return Image.fromarray(_float_to_uint8(np.asarray(im))).convert("RGB")
-    try:
-        return im.convert("RGB")
-    except ValueError as e:
-        raise ImageLoadError(f"{name}: cannot convert mode {mode} to RGB ({e})") from None
+    return im.convert("RGB")
 
 
 def _on_white(rgba: Image.Image) -> Image.Image:
@@ -299,30 +365,55 @@ def _premultiplied_on_white(a: np.ndarray) -> Image.Image:
     return Image.fromarray(colour)
 
 
+# The conversions below work on blocks of about this many values, so that their float64 / uint32 temporaries cost a
+# few MB whatever the image size: peak memory stays a small multiple of the decoded image (tests/test_fuzz_images.py).
+_BLOCK_VALUES = 1 << 20
+
+
+def _blocks(a: np.ndarray) -> Iterator[slice]:
+    """Slices of ``a``'s rows holding about _BLOCK_VALUES values each."""
+    rows = max(1, _BLOCK_VALUES // max(1, a[:1].size))
+    for start in range(0, a.shape[0], rows):
+        yield slice(start, start + rows)
+
+
 def _uint16_to_uint8(a: np.ndarray) -> np.ndarray:
     # round(v / 257) in integers: (v + 128) // 257 maps 0 -> 0, 65535 -> 255, 257 * k -> k.
-    return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    out = np.empty(a.shape, dtype=np.uint8)
+    for rows in _blocks(a):
+        out[rows] = (a[rows].astype(np.uint32) + 128) // 257
+    return out
 
 
 def _int32_to_uint8(a: np.ndarray) -> np.ndarray:
     low, high = int(a.min()), int(a.max())
     if low >= 0 and high <= 65535:
         return _uint16_to_uint8(a)
-    return _stretch(a.astype(np.float64), low, high)
+    return _scale(a, low, 255.0 / (high - low) if high > low else 0.0)
 
 
 def _float_to_uint8(a: np.ndarray) -> np.ndarray:
-    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = float(a.min()), float(a.max())
+    # NaN and infinities count as 0, for the range as for the values.
+    low, high = np.inf, -np.inf
+    for rows in _blocks(a):
+        block = a[rows]
+        finite = np.isfinite(block)
+        if not finite.all():
+            low, high, block = min(low, 0.0), max(high, 0.0), block[finite]
+        if block.size:
+            low, high = min(low, float(block.min())), max(high, float(block.max()))
     if low >= 0.0 and high <= 1.0:
-        return np.rint(a * 255.0).astype(np.uint8)
-    return _stretch(a, low, high)
+        return _scale(a, 0.0, 255.0)
+    return _scale(a, low, 255.0 / (high - low) if high > low else 0.0)
 
 
-def _stretch(a: np.ndarray, low: float, high: float) -> np.ndarray:
-    if high <= low:
-        return np.zeros(a.shape, dtype=np.uint8)
-    return np.rint((a - low) * (255.0 / (high - low))).astype(np.uint8)
+def _scale(a: np.ndarray, offset: float, factor: float) -> np.ndarray:
+    """``rint((a - offset) * factor)`` as uint8 (the range is known to land in [0, 255]); non-finite values count as 0."""
+    out = np.empty(a.shape, dtype=np.uint8)
+    for rows in _blocks(a):
+        block = np.nan_to_num(a[rows].astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        out[rows] = np.rint((block - offset) * factor)
+    return out
 
 
 # ------------------------------------------------------------------------------------- Pillow's globals

@@ -191,7 +191,7 @@ def _generate(engine: Engine, ready: list[tuple[int, Conversation]], options):
 
 # --- the command ----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vila_hd.cli import add_generation_arguments, add_model_arguments, positive_int
+    from vila_hd.cli import add_generation_arguments, add_limit_arguments, add_model_arguments, positive_int
 
     parser.add_argument("--input", required=True, metavar="JSONL", help="questions, one JSON object per line")
     parser.add_argument(
@@ -213,6 +213,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(parser)
     add_generation_arguments(parser)
+    add_limit_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

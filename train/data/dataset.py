@@ -201,7 +201,8 @@ def open_images(refs: list, max_pixels: int | None = None) -> list:
 
     images = []
     for ref in refs:
-        if isinstance(ref, str) and not os.path.exists(ref):
+        # lexists: a dangling symlink or a symlink loop is there but unreadable (the loader says which)
+        if isinstance(ref, str) and not os.path.lexists(ref):
             raise ds.SampleError(ds.MISSING_IMAGE, f"{ref} does not exist")
         try:
             images.append(load_image(ref, max_pixels=max_pixels or DEFAULT_MAX_PIXELS))

@@ -713,17 +713,26 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load our single-directory format, or a VILA checkpoint (``llm/``, ``vision_tower/``,
-        ``mm_projector/``), from a local directory or a Hub id; the layout is decided by ``config.json``."""
-        model_type = _peek_model_type(pretrained_model_name_or_path, kwargs)
+        ``mm_projector/``), from a local directory or a Hub id; the layout is decided by ``config.json``.
+
+        Weights come from safetensors only (a directory with only ``.bin`` / ``.pt`` files is refused: unpickling
+        can run code), and a local-looking path that does not exist is an error, never a Hub download."""
+        from vila_hd.model.hub import locate, refuse_pickled_weights, safetensors_only
+
+        path, local = locate(pretrained_model_name_or_path, "VILA-HD checkpoint")
+        kwargs = safetensors_only(kwargs, f"VILA-HD checkpoint {path}")
+        if local:
+            refuse_pickled_weights(path, "VILA-HD checkpoint")
+        model_type = _peek_model_type(path, kwargs)
         if model_type in VILA_MODEL_TYPES:
             from llava_compat.vila_checkpoint import load_vila_model
             from vila_hd.model.hub import resolve_model_dir
 
-            path = resolve_model_dir(pretrained_model_name_or_path, kind="model", **_hub_kwargs(kwargs))
+            path = resolve_model_dir(path, kind="model", **_hub_kwargs(kwargs))
             return load_vila_model(
                 path, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")), device=kwargs.get("device_map")
             )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return super().from_pretrained(path, *model_args, **kwargs)
 
 
 # --- small utilities -------------------------------------------------------------------------------
@@ -808,7 +817,7 @@ def _peek_model_type(path_or_id, kwargs: dict) -> str | None:
         return None
     path = os.fspath(path_or_id)
     cfg = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
+    if not os.path.exists(path):  # a Hub id (from_pretrained checked that with hub.locate)
         try:
             from huggingface_hub import hf_hub_download
 

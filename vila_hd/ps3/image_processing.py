@@ -15,6 +15,8 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from ..images import DEFAULT_MAX_PIXELS, load_image
 
+# A side shrinking by more than 2x this is box-reduced first (see squash_resize); real images never shrink that much.
+_REDUCING_GAP = 64.0
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -48,6 +50,15 @@ class PS3ImageProcessor(BaseImageProcessor):
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
         self.max_pixels = max_pixels
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``BaseImageProcessor.from_pretrained``; a local-looking path that does not exist is an error, never a
+        Hub download."""
+        from ..model.hub import locate
+
+        path, _ = locate(pretrained_model_name_or_path, "PS3 image processor")
+        return super().from_pretrained(path, *args, **kwargs)
+
     # Names VILA-era code reads.
     @property
     def image_mean(self) -> list[float]:
@@ -65,8 +76,7 @@ class PS3ImageProcessor(BaseImageProcessor):
         """One image (any supported source) -> normalised (3, H, W) float tensor at ``image_size``."""
         img = load_image(image, max_pixels=self.max_pixels)
         height, width = self.image_size
-        if img.size != (width, height):
-            img = img.resize((width, height), resample=_RESAMPLE[self.interpolation])
+        img = squash_resize(img, width, height, _RESAMPLE[self.interpolation])
         array = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
@@ -85,6 +95,21 @@ class PS3ImageProcessor(BaseImageProcessor):
         for derived in ("size", "crop_size", "image_mean", "image_std"):
             out.pop(derived, None)
         return out
+
+
+def squash_resize(img: Image.Image, width: int, height: int, resample: Image.Resampling) -> Image.Image:
+    """``img.resize((width, height))`` with memory bounded by the input and the output, whatever the aspect ratio.
+
+    Pillow resamples horizontally first, into a ``width x img.height`` intermediate: for a tall thin image (say
+    1 x 4M pixels squashed to 1512 x 1512) that is gigabytes, so such images are resampled vertically first. And
+    its filter weights take 32 bytes per source row or column: a side shrinking more than _REDUCING_GAP times is
+    first box-reduced by an integer factor (Pillow's ``reducing_gap``). Every other image goes through the
+    one-call resize, bit for bit."""
+    if img.size == (width, height):
+        return img
+    if width > img.width and img.height > height:
+        img = img.resize((img.width, height), resample=resample, reducing_gap=_REDUCING_GAP)
+    return img.resize((width, height), resample=resample, reducing_gap=_REDUCING_GAP)
 
 
 def _triple(value, name: str) -> list[float]:

@@ -32,6 +32,19 @@ class PS3PreTrainedModel(PreTrainedModel):
     # Reference checkpoints may carry the contrastive head's scalars; the towers do not use them.
     _keys_to_ignore_on_load_unexpected = [r"^logit_scale", r"^logit_bias"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` reading safetensors only (a directory with only ``.bin`` / ``.pt``
+        files is refused: unpickling can run code); a local-looking path that does not exist is an error, never
+        a Hub download."""
+        from vila_hd.model.hub import locate, refuse_pickled_weights, safetensors_only
+
+        path, local = locate(pretrained_model_name_or_path, "PS3 checkpoint")
+        kwargs = safetensors_only(kwargs, f"PS3 checkpoint {path}")
+        if local:
+            refuse_pickled_weights(path, "PS3 checkpoint")
+        return super().from_pretrained(path, *model_args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, PS3VisionEncoder):
             _init.normal_(module.prior_prompt, std=1.0)
