@@ -28,7 +28,7 @@ FORWARDED = {
     "eval": ("eval.cli", "eval_main", "run benchmarks"),
     "synth": ("eval.cli", "synth_main", "generate the synthetic high-resolution benchmark"),
     "convert": ("llava_compat.convert", "main", "convert checkpoints between the VILA layout and our single directory"),
-    "demo": ("vila_hd.demo", "main", "encode a generated high-res image with PS3 and save the selection heatmap"),
+    "demo": ("vila_hd.demo", "main", "train a tiny VILA-HD on a synthetic high-res task and report what selection buys"),
 }
 
 
