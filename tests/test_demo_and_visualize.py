@@ -14,14 +14,7 @@ from vila_hd.visualize import heatmap_overlay, selection_figure, selection_overl
 def test_quick_demo_runs_every_step(tmp_path):
     """The README's main job end to end on a handful of samples: data, model, two stages, five evaluations,
     report, heatmaps and one `vila-hd chat --prompt` answer (accuracies are meaningless at this size)."""
-    import torch.distributed as dist
-
-    was_initialized = dist.is_initialized()
-    try:
-        demo.main(["--out", str(tmp_path), "--quick"])
-    finally:  # the in-process trainer set up a one-process group: leave the test process as we found it
-        if not was_initialized and dist.is_initialized():
-            dist.destroy_process_group()
+    demo.main(["--out", str(tmp_path), "--quick"])
     report = (tmp_path / "report.md").read_text()
     for setting in ("low resolution only", "bottom-up", "top-down", "all patches"):
         assert setting in report

@@ -113,6 +113,10 @@ def test_sharded_run_merges_when_the_last_rank_finishes(tmp_path):
 
 
 def test_torchrun_environment_sets_the_shard(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    # The env-var path (no process group); an in-process training test may have left one behind.
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     bench = make_jsonl(tmp_path)
