@@ -14,12 +14,17 @@ H200 bf16 dense) unless ``--peak-tflops`` says otherwise.
     python bench/ps3_pretrain.py                                  # CUDA: PS3-1.5K and PS3-4K, bf16, batch 32
     python bench/ps3_pretrain.py --model PS3-4K-SigLIP --batch-size 16 32 --no-grad-checkpointing
     python bench/ps3_pretrain.py --model tiny --device cpu        # runs anywhere; numbers say nothing about GPUs
+
+``--profile DIR``: after the timings, 2 more steps under ``torch.profiler`` (see ``bench/profiling.py``):
+DIR/kernels.txt, DIR/summary.json (wall vs GPU busy time, time per kernel category), DIR/trace.json with
+``--profile-trace``; with several models / batch sizes, one DIR/<model>_bs<batch> each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -97,7 +102,8 @@ def median_ms(fn, iters: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def bench_one(name: str, batch_size: int, args, device: torch.device, dtype: torch.dtype) -> Row:
+def bench_one(name: str, batch_size: int, args, device: torch.device, dtype: torch.dtype,
+              profile_dir: str | None = None) -> Row:
     model = build(name, device, dtype, not args.no_grad_checkpointing, args.compile)
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(model.param_groups(3e-4), lr=5e-6, betas=(0.9, 0.95), **fused)
@@ -117,6 +123,10 @@ def bench_one(name: str, batch_size: int, args, device: torch.device, dtype: tor
         torch.cuda.reset_peak_memory_stats()
     step_ms = median_ms(step, args.iters, args.warmup, device)
     forward_ms = median_ms(forward, args.iters, 1, device)
+    if profile_dir:
+        from profiling import profile_steps  # bench/ is sys.path[0] when this file runs as a script
+
+        profile_steps(step, profile_dir, steps=2, trace=args.profile_trace, cuda=device.type == "cuda")
     flops = pretrain_flops(model)(batch)
     achieved = flops / (step_ms / 1e3) / 1e12
     peak = args.peak_tflops or _device_peak(device)
@@ -153,15 +163,21 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile each trunk block")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--profile", metavar="DIR", help="profile 2 extra steps; write kernels.txt, summary.json here")
+    parser.add_argument("--profile-trace", action="store_true", help="with --profile: also DIR/trace.json (large)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
+    several = len(args.model) * len(args.batch_size) > 1
     for name in args.model:
         for batch_size in args.batch_size:
             try:
-                row = bench_one(name, batch_size, args, device, dtype)
+                profile_dir = args.profile
+                if profile_dir and several:
+                    profile_dir = os.path.join(profile_dir, f"{name}_bs{batch_size}")
+                row = bench_one(name, batch_size, args, device, dtype, profile_dir)
             except torch.OutOfMemoryError:
                 print(json.dumps({"model": name, "batch_size": batch_size, "error": "out of memory"}), flush=True)
                 torch.cuda.empty_cache()

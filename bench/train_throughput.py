@@ -14,12 +14,17 @@ pass (forward only). Peak: 989 TFLOP/s (H100/H200 bf16 dense) unless --peak-tflo
 
     torchrun --nproc_per_node 1 bench/train_throughput.py            # GPU: the real sizes
     python bench/train_throughput.py --preset tiny --steps 3          # CPU: tiny sizes (numbers mean nothing)
+
+``--profile DIR``: after the timed steps, 2 more steps under ``torch.profiler`` (see ``bench/profiling.py``):
+DIR/kernels.txt (top kernels), DIR/summary.json (wall vs GPU busy time, time per kernel category), and
+DIR/trace.json with ``--profile-trace``. With ``--packing both`` each mode gets DIR/packing_on, DIR/packing_off.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -103,7 +108,7 @@ class SyntheticData:
             yield self.batches[step % len(self.batches)]
 
 
-def run(args, packing: bool) -> dict:
+def run(args, packing: bool, profile_dir: str | None = None) -> dict:
     from train.data.collate import Collator
     from train.flops import FlopsModel
     from train.model_step import VilaHDTrainStep
@@ -175,6 +180,12 @@ def run(args, packing: bool) -> dict:
         "mfu": statistics.mean(flops) / t / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
+    if profile_dir:
+        from profiling import profile_steps  # bench/ is sys.path[0] when this file runs as a script
+
+        extra, optimizer_step = itertools.cycle(batches[args.warmup:] or batches), trainer._optimizer_step
+        summary = profile_steps(lambda: optimizer_step([next(extra)]), profile_dir, steps=2, trace=args.profile_trace)
+        result["profile"] = {"dir": profile_dir, "gpu_busy_share": summary["step_busy_share"]}
     del trainer, step, model, batches
     gc.collect()
     if cuda:
@@ -198,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: from the GPU name)")
     parser.add_argument("--output-dir", default="outputs/bench_train")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", metavar="DIR", help="profile 2 extra steps; write kernels.txt, summary.json here")
+    parser.add_argument("--profile-trace", action="store_true", help="with --profile: also DIR/trace.json (large)")
     args = parser.parse_args(argv)
     args.preset = args.preset or ("1.5b" if torch.cuda.is_available() else "tiny")
     args.max_length = args.max_length or (8192 if args.preset != "tiny" else 512)
@@ -207,7 +220,7 @@ def main(argv=None) -> int:
 
     init_distributed()
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.packing]
-    results = [run(args, packing) for packing in modes]
+    results = [run(args, packing, _profile_dir(args.profile, packing, len(modes) > 1)) for packing in modes]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device}; model: {args.preset}; ZeRO-2, {'bf16' if torch.cuda.is_available() or args.bf16 else 'fp32'}")
     print("MFU = (6 N T + 12 L d sum s^2 for the LLM, 6 N_v P + attention for PS3, 2 N T' for the prefix pass) "
@@ -220,6 +233,12 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"device": device, "preset": args.preset, "results": results}, f, indent=2)
     return 0
+
+
+def _profile_dir(root: str | None, packing: bool, several: bool) -> str | None:
+    if root is None or not several:
+        return root
+    return os.path.join(root, "packing_on" if packing else "packing_off")
 
 
 def _fmt(v):
