@@ -6,6 +6,7 @@ runs a tiny configuration so that it stays runnable (its numbers say nothing abo
 
     python bench/ps3_encoder.py                 # auto: real sizes + bf16 on CUDA, tiny + fp32 on CPU
     python bench/ps3_encoder.py --json out.json
+    python bench/ps3_encoder.py --plain-kernels   # without the CUDA-graph low-res pass and the K/V merge
 """
 
 from __future__ import annotations
@@ -132,9 +133,11 @@ def measure_full_vit(name, model, size, args, device) -> Row | None:
                flops / latency / 1e9, flops / latency / 1e9, 100 * flops / latency / 1e9 / H100_BF16_PEAK_TFLOPS)
 
 
-def build(name: str, real: bool, dtype, device) -> tuple[PS3VisionModel, int]:
+def build(name: str, real: bool, dtype, device, plain: bool = False) -> tuple[PS3VisionModel, int]:
     scales = [378, 756, 1512, 3780] if name == "PS3-4K" else [378, 756, 1512]
     cfg = preset_config(name + "-SigLIP2").vision_config if real else tiny_vision_config(scales)
+    if plain:
+        cfg.low_res_cuda_graph, cfg.prefix_attention = False, "concat"
     with torch.device(device):
         model = PS3VisionModel(cfg)
     return model.to(dtype).eval(), scales[-1]
@@ -149,6 +152,8 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-full-vit", action="store_true", help="skip the full-attention ViT baseline")
+    parser.add_argument("--plain-kernels", action="store_true",
+                        help="eager low-res pass and concatenated K/V prefix (the inference kernels off)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -156,10 +161,11 @@ def main(argv=None) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"device={device} dtype={dtype} sizes={'real SO400M' if real else 'tiny'} batch=1")
+    kernels = "plain (eager low-res, K/V concat)" if args.plain_kernels else "CUDA-graph low-res, K/V merge (on CUDA)"
+    print(f"device={device} dtype={dtype} sizes={'real SO400M' if real else 'tiny'} batch=1 kernels={kernels}")
     rows = []
     for name in args.models:
-        model, size = build(name, real, dtype, device)
+        model, size = build(name, real, dtype, device, args.plain_kernels)
         for ratio, budget in RATIOS[name].items():
             request = {"num_look_close": "all"} if budget == "all" else {"num_token_look_close": budget}
             rows.append(measure(name, model, size, request, ratio, args, device))

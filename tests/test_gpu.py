@@ -51,3 +51,53 @@ def test_vila_hd_generation_cuda_matches_cpu():
     cpu = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     gpu = model.cuda().generate(**inputs.to("cuda"), max_new_tokens=8, do_sample=False)
     assert torch.equal(cpu, gpu.cpu())
+
+
+@torch.no_grad()
+def test_merged_prefix_attention_on_cuda_matches_concatenation():
+    """cuDNN/flash log-sum-exp statistics merge into the concatenated attention (bf16 and fp32)."""
+    from vila_hd.ps3.layers import Attention
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+        attn = Attention(1152, 16, "concat").cuda().to(dtype)
+        x = torch.randn(6, 2560, 1152, device="cuda", dtype=dtype)
+        for prefix_batch in (1, 6):
+            prefix = tuple(torch.randn(prefix_batch, 729, 1152, device="cuda", dtype=dtype) for _ in range(2))
+            attn.prefix_mode = "concat"
+            joined, _ = attn(x, prefix)
+            attn.prefix_mode = "merge"
+            merged, _ = attn(x, prefix)
+            torch.testing.assert_close(merged.float(), joined.float(), rtol=tol, atol=tol)
+
+
+@torch.no_grad()
+def test_low_res_cuda_graph_replays_the_eager_pass():
+    torch.manual_seed(0)
+    model = PS3VisionModel(tiny_vision_config([378, 756, 1512])).eval().cuda()
+    enc = model.vision_model
+    x, y = torch.randn(2, 1, 3, 1512, 1512, device="cuda").unbind(0)
+    enc.config.low_res_cuda_graph = False
+    eager_x, eager_y = enc.encode_low_res(x), enc.encode_low_res(y)
+    enc.config.low_res_cuda_graph = True
+    graph_x = enc.encode_low_res(x)
+    graph_y = enc.encode_low_res(y)  # a replay must not overwrite what the first call returned
+    assert len(enc._low_res_graphs) == 1
+    for eager, graph in ((eager_x, graph_x), (eager_y, graph_y)):
+        for a, b in zip(eager.hidden_states + [k for kv in eager.kv_cache for k in kv],
+                        graph.hidden_states + [k for kv in graph.kv_cache for k in kv]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graph.selection_features, eager.selection_features, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graph.highres_selection_features, eager.highres_selection_features,
+                                   rtol=1e-5, atol=1e-5)
+    enc.trunk.blocks[0].mlp.fc1.weight.add_(0.5)  # in-place updates are seen by the replay
+    enc.config.low_res_cuda_graph = False
+    eager = enc.encode_low_res(x).hidden_states[-1]
+    enc.config.low_res_cuda_graph = True
+    torch.testing.assert_close(enc.encode_low_res(x).hidden_states[-1], eager, rtol=1e-5, atol=1e-5)
+    model.to(torch.bfloat16)  # new weight memory: the graphs are captured again
+    half = enc.encode_low_res(x.bfloat16())
+    assert half.hidden_states[-1].dtype == torch.bfloat16 and len(enc._low_res_graphs) == 1
+    with torch.enable_grad():  # autograd never replays a graph
+        enc.encode_low_res(x.bfloat16())
+    assert len(enc._low_res_graphs) == 1

@@ -278,3 +278,43 @@ def test_position_cache_follows_weight_updates():
     fresh = tiny_model(SCALES_15K, seed=3)
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh(x, num_look_close=1).last_hidden_state, after, rtol=1e-6, atol=1e-6)
+
+
+# --- inference kernels ----------------------------------------------------------------------------
+@torch.no_grad()
+def test_merged_prefix_attention_equals_concatenation():
+    """The log-sum-exp merge (no per-sequence copy of the low-res K/V) gives the concatenated attention,
+    for a prefix shared by all steps of one image and for a batch of images with their own prefixes."""
+    model = tiny_model(SCALES_15K, seed=8)
+    enc = model.vision_model
+    x = torch.cat([image((1512, 1512), seed=21), image((1512, 1512), seed=22)])
+    prompts = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for mode in ("concat", "merge"):
+        enc.set_prefix_attention(mode)
+        assert all(blk.attn.prefix_mode == mode for blk in enc.trunk.blocks)
+        outs[mode] = [model(x[:1], num_look_close=3), model(x, num_token_look_close=3000, prompt=prompts)]
+    enc.set_prefix_attention("auto")
+    for merged, joined in zip(outs["merge"], outs["concat"]):
+        for a, b in zip(merged.selection_maps, joined.selection_maps):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(merged.last_hidden_state, joined.last_hidden_state, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prefix_attention"):
+        enc.set_prefix_attention("fast")
+
+
+def test_merge_mode_falls_back_to_concatenation_for_gradients():
+    from vila_hd.ps3.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2, "merge")
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    prefix = (torch.randn(1, 4, 16), torch.randn(1, 4, 16))
+    out, _ = attn(x, prefix)
+    out.square().sum().backward()  # the merge has no backward: this runs the concatenated path
+    assert x.grad is not None and attn.qkv.weight.grad is not None
+    attn.prefix_mode = "concat"
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, prefix)[0], out.detach(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="prefix_mode"):
+        Attention(16, 2, "fastest")

@@ -55,6 +55,8 @@ class PS3VisionConfig(PretrainedConfig):
         highres_selection_module_depth: int = 3,
         highres_selection_module_kernel_size: int = 28,
         highres_selection_image_size: int = 1512,
+        prefix_attention: str = "auto",
+        low_res_cuda_graph: bool = True,
         **kwargs,
     ):
         # VILA still writes the pre-June-2025 name of the scales field.
@@ -89,12 +91,19 @@ class PS3VisionConfig(PretrainedConfig):
         self.highres_selection_module_depth = highres_selection_module_depth
         self.highres_selection_module_kernel_size = highres_selection_module_kernel_size
         self.highres_selection_image_size = highres_selection_image_size
+        # Inference kernels (no effect on results beyond rounding): how the high-res tokens attend to the
+        # low-res K/V prefix ("auto": log-sum-exp merge on CUDA, see layers.Attention), and whether the
+        # low-res pass replays a CUDA graph at inference.
+        self.prefix_attention = prefix_attention
+        self.low_res_cuda_graph = bool(low_res_cuda_graph)
         # Derived fields the reference also exposes (VILA reads them).
         self.image_size = self.ps3_scales[-1]
         self.vision_tower_name = model_name
         self._validate()
 
     def _validate(self) -> None:
+        if self.prefix_attention not in ("auto", "concat", "merge"):
+            raise ValueError(f"prefix_attention must be 'auto', 'concat' or 'merge', got {self.prefix_attention!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"

@@ -46,14 +46,23 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with fused qkv and an optional low-res key/value prefix.
 
-    Keys and values stay token-major (B, N, C) so that the prefix is joined with one contiguous
-    copy, and SDPA reads q/k/v as strided head views (no transposed copies).
+    Keys and values stay token-major (B, N, C), and SDPA reads q/k/v as strided head views (no
+    transposed copies). With a prefix, ``prefix_mode`` picks how the two key sets are combined:
+    ``"concat"`` joins them with one copy per layer (always used when gradients are needed);
+    ``"merge"`` attends to the prefix and to the own keys separately and merges the two results by
+    their log-sum-exp, so the shared prefix is never copied per sequence; ``"auto"`` merges on CUDA in
+    half precision when at least ``MERGE_MIN_SEQUENCES`` sequences share one prefix (measured on an H100
+    at SO400M sizes, per layer: 6 x 2560 tokens 0.79 ms merged vs 0.87 ms joined, 12 x 2560 1.50 vs 1.72;
+    at 1-2 sequences the merge gains nothing, and for short ones its two extra kernels cost more).
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, prefix_mode: str = "auto"):
         super().__init__()
+        if prefix_mode not in PREFIX_MODES:
+            raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.prefix_mode = prefix_mode
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -67,23 +76,77 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)
         own_kv = (k, v) if return_kv else None
-        if kv_prefix is not None:
-            k = torch.cat([kv_prefix[0].expand(b, -1, -1), k], dim=1)
-            v = torch.cat([kv_prefix[1].expand(b, -1, -1), v], dim=1)
-        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
+        if kv_prefix is not None and self._merges(x, kv_prefix[0].shape[0]):
+            out = merged_prefix_attention(q, k, v, kv_prefix, self.num_heads)
+        else:
+            if kv_prefix is not None:
+                k = torch.cat([kv_prefix[0].expand(b, -1, -1), k], dim=1)
+                v = torch.cat([kv_prefix[1].expand(b, -1, -1), v], dim=1)
+            out = F.scaled_dot_product_attention(*(split_heads(t, self.num_heads) for t in (q, k, v)))
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), own_kv
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+    def _merges(self, x: torch.Tensor, prefix_batch: int) -> bool:
+        if self.prefix_mode == "concat" or torch.is_grad_enabled():  # the merge has no backward
+            return False
+        if self.prefix_mode == "merge":
+            return True
+        shared = prefix_batch == 1 and x.shape[0] >= MERGE_MIN_SEQUENCES
+        return shared and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+PREFIX_MODES = ("auto", "concat", "merge")
+MERGE_MIN_SEQUENCES = 4
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B, heads, N, C // heads) as a view."""
+    return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention (B, H, N, D) and the log-sum-exp of its scaled scores (B, H, N), in fp32."""
+    aten = torch.ops.aten
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+        except RuntimeError:  # no cuDNN attention for this device/shape: the flash kernel
+            out, lse = aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    elif q.is_cuda:
+        out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    elif q.device.type == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    else:
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        lse = scores.logsumexp(-1)
+        out = (torch.softmax(scores, -1) @ v.float()).to(q.dtype)
+    # Kernels differ in how they shape the statistics: (B, H, N), (B, H, N, 1) or padded (B, H, N').
+    return out, lse.reshape(*q.shape[:2], -1)[..., : q.shape[2]].float()
+
+
+def merged_prefix_attention(q, k, v, kv_prefix, heads: int) -> torch.Tensor:
+    """Attention of (B, N, C) queries over [prefix; own] keys without joining them: one pass over the
+    prefix (every sequence's queries at once when the prefix is shared), one over the own keys, and
+    the two normalised results mixed by ``sigmoid(lse_prefix - lse_own)``. Returns (B, H, N, D)."""
+    b, n, c = q.shape
+    k_pre, v_pre = kv_prefix
+    own, lse_own = attention_with_lse(*(split_heads(t, heads) for t in (q, k, v)))
+    if k_pre.shape[0] == 1 and b > 1:  # a shared prefix: all sequences' queries as one long sequence
+        pre, lse_pre = attention_with_lse(*(split_heads(t, heads) for t in (q.reshape(1, b * n, c), k_pre, v_pre)))
+        pre = pre.transpose(1, 2).reshape(b, n, heads, c // heads).transpose(1, 2)
+        lse_pre = lse_pre.view(heads, b, n).transpose(0, 1)
+    else:
+        pre, lse_pre = attention_with_lse(*(split_heads(t.expand(b, -1, -1), heads) for t in (q, k_pre, v_pre)))
+    weight = torch.sigmoid(lse_pre - lse_own).unsqueeze(-1).to(own.dtype)
+    return torch.lerp(own, pre, weight)
 
 
 class Block(nn.Module):
     """Pre-LN transformer block (timm ``Block`` names: norm1, attn, norm2, mlp)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float, act: str):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float, act: str, prefix_mode: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, prefix_mode)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_hidden, act=act)
 

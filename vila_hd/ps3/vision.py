@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
 from .configuration import PS3VisionConfig
+from .cuda_graph import GraphCache, graph_usable
 from .geometry import highres_grids, plan_selection, scale_grid_size, scale_image_size
 from .layers import AttentionPoolLatent, Block, Mlp, PatchEmbed, ShallowConvNet
 from .selection import (
@@ -102,7 +103,8 @@ class PS3Trunk(nn.Module):
         self.patch_embed = PatchEmbed(config.num_channels, dim, config.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
         self.blocks = nn.ModuleList(
-            Block(dim, config.num_attention_heads, config.intermediate_size, config.layer_norm_eps, config.hidden_act)
+            Block(dim, config.num_attention_heads, config.intermediate_size, config.layer_norm_eps, config.hidden_act,
+                  config.prefix_attention)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
@@ -122,6 +124,7 @@ class PS3VisionEncoder(nn.Module):
         self.config = config
         self.gradient_checkpointing = False
         self._pos_cache: dict[int, tuple] = {}  # scale -> (weights key, interpolated table); inference only
+        self._low_res_graphs = GraphCache()
         dim, n_hi = config.hidden_size, config.num_scales - 1
         self.trunk = PS3Trunk(config)
         sel_dim = dim * len(config.select_based_on_layer)
@@ -139,6 +142,13 @@ class PS3VisionEncoder(nn.Module):
                 config.highres_selection_module_kernel_size,
             )
             self.prompt_proj_for_highres = nn.Linear(dim, config.highres_selection_module_out_dim * n_hi)
+
+    def set_prefix_attention(self, mode: str) -> None:
+        """How high-res tokens attend to the low-res K/V prefix: "auto", "concat" or "merge" (see layers.Attention)."""
+        self.config.prefix_attention = mode
+        self.config._validate()
+        for blk in self.trunk.blocks:
+            blk.attn.prefix_mode = mode
 
     # --- geometry -------------------------------------------------------------------------------
     @property
@@ -181,8 +191,29 @@ class PS3VisionEncoder(nn.Module):
 
     # --- low-res pass ---------------------------------------------------------------------------
     def encode_low_res(self, pixel_values: torch.Tensor) -> LowResOutput:
-        """Run all blocks on the 378x378 image; keep block outputs, K/V and the selection features."""
+        """Run all blocks on the 378x378 image; keep block outputs, K/V and the selection features.
+        At inference on CUDA this replays a captured CUDA graph (``config.low_res_cuda_graph``)."""
         self._check_pixels(pixel_values)
+        if self.config.low_res_cuda_graph and graph_usable(self, pixel_values):
+            low = self._low_res_graphs.run(self._low_res_tensors, pixel_values, list(self.parameters()))
+            low.pixel_values = pixel_values
+            return low
+        return self._encode_low_res_eager(pixel_values)
+
+    def _low_res_tensors(self, pixel_values: torch.Tensor):
+        """The low-res pass as (flat list of output tensors, function rebuilding the LowResOutput)."""
+        low = self._encode_low_res_eager(pixel_values)
+        n, has_hr = len(low.hidden_states), low.highres_selection_features is not None
+        tensors = [*low.hidden_states, *(t for kv in low.kv_cache for t in kv), low.selection_features]
+        tensors += [low.highres_selection_features] if has_hr else []
+
+        def rebuild(ts: list[torch.Tensor]) -> LowResOutput:
+            kv = [(ts[n + 2 * i], ts[n + 2 * i + 1]) for i in range(n)]
+            return LowResOutput(pixel_values, ts[:n], kv, ts[3 * n], ts[3 * n + 1] if has_hr else None)
+
+        return tensors, rebuild
+
+    def _encode_low_res_eager(self, pixel_values: torch.Tensor) -> LowResOutput:
         base = self.config.ps3_scales[0]
         x = self.trunk.patch_embed(resize_image(pixel_values, (base, base))) + self.trunk.pos_embed
         hidden, kv_cache = [], []
