@@ -110,6 +110,7 @@ class RunConfig:
     micro_batch: int = 16
     sft_look_close: int | str = "all"  # look-close steps the LLM sees in SFT (the selection loss trains either way)
     max_length: int = 1024  # tokens per training sample after image expansion
+    loader_workers: int = 0  # data-loader processes of the training stages (large images need several)
     budgets: tuple[int, ...] = (1, 2)
     threads: int = 1
 
@@ -124,15 +125,16 @@ SCALES = {
                                   "intermediate_size": 128},
                           text={"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
                                 "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 32768}),
-        align_train=4000, train=4000, test=300, align_steps=600, sft_steps=800, batch=16, micro_batch=2,
-        max_length=24576, threads=8,
+        align_train=1000, train=2000, test=100, align_steps=150, sft_steps=200, batch=16, micro_batch=2,
+        max_length=24576, loader_workers=12, threads=8,
     ),
 }
 
 
 def quick(run: RunConfig) -> RunConfig:
     """A smoke version of ``run``: every step on a handful of samples (no accuracy claims)."""
-    return replace(run, align_train=8, train=8, test=4, align_steps=2, sft_steps=2, batch=4, micro_batch=4)
+    return replace(run, align_train=8, train=8, test=4, align_steps=2, sft_steps=2, batch=4, micro_batch=4,
+                   loader_workers=0)
 
 
 class Log:
@@ -456,7 +458,7 @@ def run_stage(stage: str, init: Path, out: Path, data: Path, run: RunConfig, see
         "init.model": str(init), "output_dir": str(target), "data.registry": str(data / "registry.yaml"),
         "max_steps": steps, "batch.micro_batch_size": min(run.micro_batch, run.batch),
         "batch.global_batch_size": run.batch, "seed": seed, "logging.every_steps": max(1, steps // 15),
-        "data.max_length": run.max_length,
+        "data.max_length": run.max_length, "data.num_workers": run.loader_workers,
     }
     if stage == "sft":
         overrides["look_close.num_look_close"] = run.sft_look_close
