@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from eval.benchmarks import ALIASES, BENCHMARKS, FormatError, build_benchmark
+from vila_hd.cli import positive_int
 
 GENERATION_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                      "top_k": "top_k", "steps": "steps", "tokens": "tokens", "mode": "mode"}
@@ -40,7 +41,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
                       help="benchmark option, e.g. rule=fixed (mme-realworld), questions=FILE (textvqa), "
                            "metric=contains (jsonl)")
     data.add_argument("--instruction", help="replace the benchmark's answer instruction in the prompts")
-    data.add_argument("--limit", type=_positive, metavar="N", help="only the first N samples")
+    data.add_argument("--limit", type=positive_int, metavar="N", help="only the first N samples")
     run = parser.add_argument_group("run")
     run.add_argument("--output", required=True, metavar="DIR", help="output folder (resumed when it exists)")
     run.add_argument("--mc-mode", choices=["generate", "likelihood"], default="generate",
@@ -157,16 +158,6 @@ def _key_values(items: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         out[key.strip().replace("-", "_")] = value
     return out
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
 
 
 def synth_main(argv: Sequence[str] | None = None) -> int:

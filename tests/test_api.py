@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from PIL import Image
+from serving_helpers import rgb, save_tiny_checkpoint
 
 import vila_hd
 from vila_hd.api import VilaHD
 from vila_hd.images import ImageLoadError
-from vila_hd.model.tiny import build_tiny_model
 
 QUESTION = "What color is the car?"
-
-
-def rgb(seed: int, size=(320, 240)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-    return Image.fromarray(base).resize(size, Image.Resampling.NEAREST)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("api-ckpt")
-    model, processor = build_tiny_model("tiny", seed=0)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    save_tiny_checkpoint(path)
     rgb(0).save(path / "car.png")
     return path
 

@@ -12,31 +12,22 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
+from serving_helpers import rgb, save_tiny_checkpoint
 
 from vila_hd import cli
 from vila_hd.chat import ChatSession, read_message
 from vila_hd.engine import Engine, GenerationOptions
-from vila_hd.model.tiny import build_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"preprocess_s", "prefix_s", "encode_s", "prefill_s", "decode_s", "total_s", "tokens_per_s"}
 
 
-def rgb(seed: int, size) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-    return Image.fromarray(base).resize(size, Image.Resampling.NEAREST)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    model, processor = build_tiny_model("tiny", seed=0)
-    model.save_pretrained(root / "ckpt")
-    processor.save_pretrained(root / "ckpt")
+    save_tiny_checkpoint(root / "ckpt")
     rgb(0, (320, 240)).save(root / "car.png")
     rgb(1, (200, 300)).save(root / "sign.png")
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")

@@ -7,10 +7,10 @@ import json
 import threading
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serving_helpers import rgb, save_tiny_checkpoint
 
 from vila_hd.engine import (
     Conversation,
@@ -22,23 +22,14 @@ from vila_hd.engine import (
     load_model,
 )
 from vila_hd.images import ImageLoadError
-from vila_hd.model.tiny import build_tiny_model
 
 QUESTION = "What color is the car?"
-
-
-def rgb(seed: int, size=(320, 240)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-    return Image.fromarray(base).resize(size, Image.Resampling.NEAREST)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-vila-hd")
-    model, processor = build_tiny_model("tiny", seed=0)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    save_tiny_checkpoint(path)
     return path
 
 

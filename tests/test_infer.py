@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
+from serving_helpers import rgb, save_tiny_checkpoint
 
 from vila_hd import cli
 from vila_hd.engine import Engine, GenerationOptions
 from vila_hd.infer import infer, read_done, read_items
-from vila_hd.model.tiny import build_tiny_model
-
-
-def rgb(seed: int, size=(320, 240)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-    return Image.fromarray(base).resize(size, Image.Resampling.NEAREST)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("infer-ckpt")
-    model, processor = build_tiny_model("tiny", seed=0)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    save_tiny_checkpoint(path)
     return path
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from train_helpers import one_thread  # noqa: F401 (fixture)
 
 from train.pretrain.init import export_ps3, init_from_ps3, init_from_siglip, load_safetensors_dir
 from train.pretrain.model import PS3ForPretraining
@@ -17,13 +18,7 @@ from vila_hd.ps3 import PS3Model, PS3TextModel, PS3VisionModel
 TEXT_VOCAB, TEXT_CONTEXT = 40, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared 2-core machine
 
 
 def _siglip_config(layers: int = 4):

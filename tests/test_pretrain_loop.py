@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from train_helpers import one_thread  # noqa: F401 (fixture)
 
 pytest.importorskip("deepspeed")
 
@@ -21,13 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "ps3", "tiny_demo.yaml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared 2-core machine
 
 
 def tiny(output_dir, *extra: str):

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from train_helpers import one_thread  # noqa: F401 (fixture)
 
 from train.pretrain.data import BoxCaptionDataset, collate_box_caption
 from train.pretrain.model import PS3ForPretraining, box_recall, pretrain_loss
@@ -21,13 +22,7 @@ def tokenizer(tmp_path_factory):
     return PS3Tokenizer(str(write_word_tokenizer(tmp_path_factory.mktemp("tok"))), context_length=8, clean="canonicalize")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared 2-core machine
 
 
 def tiny_model(seed: int = 0, **kwargs) -> PS3ForPretraining:

@@ -11,13 +11,13 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from serving_helpers import save_tiny_checkpoint
 
 import vila_hd
 from vila_hd import cli
 from vila_hd.chat import ChatSession
 from vila_hd.engine import Engine, GenerationOptions, LimitExceeded, ServingLimits
 from vila_hd.images import ImageLoadError
-from vila_hd.model.tiny import build_tiny_model
 
 QUESTION = "What color is the car?"
 
@@ -29,9 +29,7 @@ def rgb(seed: int, size=(64, 48)) -> Image.Image:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
-    model, processor = build_tiny_model("tiny", seed=0)
-    model.save_pretrained(root / "ckpt")
-    processor.save_pretrained(root / "ckpt")
+    save_tiny_checkpoint(root / "ckpt")
     for i in range(3):
         rgb(i).save(root / f"img{i}.png")
     rgb(9, (400, 300)).save(root / "big.png")  # 120 000 pixels

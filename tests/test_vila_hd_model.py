@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from serving_helpers import rgb
 from transformers import AutoModelForImageTextToText, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from vila_hd.model import VilaHDForConditionalGeneration
 from vila_hd.model.projector import VilaHDProjector, gather_groups, space_to_channel
 from vila_hd.model.tiny import build_tiny_model, tiny_config
-
-
-def rgb(seed: int, size=(320, 240)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-    return Image.fromarray(base).resize(size, Image.Resampling.NEAREST)  # blocky: non-trivial saliency
 
 
 @pytest.fixture(scope="module")
