@@ -224,6 +224,21 @@ def test_batch_matches_single(tiny):
             torch.testing.assert_close(batch_logits[i], model(**single).logits[0, -1], rtol=1e-4, atol=1e-5)
 
 
+def test_num_return_sequences_keeps_each_samples_images(tiny):
+    """Several returned sequences per prompt, with a two-image sample in the batch: every copy must see its own
+    sample's images (top_k=1 sampling makes each copy equal to the single-sequence answer)."""
+    model, processor = tiny
+    texts = [chat(processor, "<image>What color is the car?"),
+             chat(processor, "<image><image>How many people are in the picture? Look at both photos.")]
+    inputs = processor(text=texts, images=[[rgb(9)], [rgb(10), rgb(11)]])
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        once = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=1)[:, length:]
+        twice = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=1, num_return_sequences=2)
+    assert not torch.equal(once[0], once[1])  # the two samples answer differently, so a mix-up would show
+    assert torch.equal(twice[:, length:], once.repeat_interleave(2, dim=0))
+
+
 def test_text_only_prompt_skips_vision(tiny, monkeypatch):
     model, processor = tiny
     inputs = processor(text=chat(processor, "Hi, how are you?"))

@@ -53,6 +53,8 @@ AUTO_REUSE_MIN_SHARED_FRACTION = 0.15
 
 # transformers renamed the cache field of model outputs from ``past_key_values`` to ``cache`` (5.2x) and
 # its ``generate`` reads only the current name: declare the output with the name this version uses.
+# Generation inputs with one row per image rather than per sample.
+_PER_IMAGE_INPUTS = ("pixel_values", "gt_selection_maps")
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 if CACHE_FIELD == "cache":
@@ -686,6 +688,34 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
             for key in ("pixel_values", "gt_selection_maps"):
                 inputs.pop(key, None)
         return inputs
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """``num_return_sequences`` / beams repeat each *sample*; image-indexed inputs (``pixel_values``,
+        ``gt_selection_maps``: one row per image, a sample may hold several) must repeat each sample's run of
+        images, which the default row-wise ``repeat_interleave`` gets wrong as soon as a sample has two."""
+        per_image = {k: model_kwargs.pop(k) for k in _PER_IMAGE_INPUTS if model_kwargs.get(k) is not None}
+        if expand_size > 1 and per_image:
+            order = self._expanded_image_order(input_ids, per_image["pixel_values"].shape[0], expand_size)
+            per_image = {k: v.index_select(0, order.to(v.device)) for k, v in per_image.items()}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        return input_ids, {**model_kwargs, **per_image}
+
+    def _expanded_image_order(self, input_ids, num_images: int, expand_size: int) -> torch.Tensor:
+        """Image rows for samples repeated ``expand_size`` times each: [s0's images] x n, [s1's images] x n, ..."""
+        if input_ids is None:
+            raise ValueError("pixel_values need input_ids with image placeholders to expand for generation")
+        tokens = int((input_ids == self._image_token_id()).sum())
+        if num_images == 0 or tokens == 0 or tokens % num_images:
+            raise ValueError(
+                f"input_ids hold {tokens} image tokens: not a whole, non-zero number per image for {num_images} image(s)"
+            )
+        counts = ((input_ids == self._image_token_id()).sum(1) // (tokens // num_images)).tolist()
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        order = [idx for start, n in zip(starts, counts) for _ in range(expand_size) for idx in range(start, start + n)]
+        return torch.tensor(order, dtype=torch.long)
 
     def generate(self, *args, return_selection_maps: bool = False, **kwargs):
         """``GenerationMixin.generate`` (greedy, sampling, streamers, KV cache...); with
