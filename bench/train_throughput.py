@@ -132,7 +132,8 @@ def run(args, packing: bool, profile_dir: str | None = None) -> dict:
     step = VilaHDTrainStep(model, look).train()
     samples = synthetic_samples(model, image_token_id, look, args.samples_per_step * (args.steps + args.warmup),
                                 args.max_length)
-    collate = Collator(0, tuple([model.config.vision_config.ps3_scales[-1]] * 2), args.max_length, packing=packing)
+    collate = Collator(0, tuple([model.config.vision_config.ps3_scales[-1]] * 2), args.max_length, packing=packing,
+                       image_token_id=image_token_id)
     k = args.samples_per_step
     batches = [collate(samples[i:i + k]) for i in range(0, len(samples), k)]
     params = [p for p in model.parameters() if p.requires_grad]

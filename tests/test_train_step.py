@@ -17,6 +17,7 @@ from train.data.dataset import SampleEncoder
 from train.losses import box_maps, dice_loss, lm_loss_sum, normalized_total, selection_loss
 from train.model_step import VilaHDTrainStep
 from train.schedule import WarmupCosine
+from vila_hd.host_syncs import count_host_syncs
 from vila_hd.model.tiny import build_tiny_model
 
 LOOK = {"num_look_close": 2}
@@ -77,6 +78,35 @@ def test_packed_rows_give_the_same_losses_and_gradients_as_padded_rows(tiny, sam
     assert g_a.keys() == g_b.keys() and any(n.startswith("mm_projector.top_down_prompt_head") for n in g_a)
     for n in g_a:
         torch.testing.assert_close(g_a[n], g_b[n], rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_collator_index_plan_spares_the_step_its_host_syncs(tiny, samples, packing):
+    """With the image-token id, the collator finds the image-token and target positions on the CPU: the step
+    gives the same losses and gradients as when it finds them itself, and its own code waits for the device
+    once (the prefix width) instead of three times."""
+    model, processor = tiny
+    step = VilaHDTrainStep(model, LOOK).eval()
+    planned = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048, packing=packing,
+                       image_token_id=processor.image_token_id)(samples)
+    unplanned = {k: v for k, v in planned.items() if k not in ("image_positions", "target_columns")}
+    results = []
+    for batch in (unplanned, planned):
+        model.zero_grad()
+        with count_host_syncs(where=True) as syncs:
+            out = step(batch)
+        (out["lm"] + out["selection"]).backward()
+        own = sum(n for site, n in syncs.by_site.items() if site.startswith(os.path.join("train", "model_step.py")))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((own, {k: v.detach() for k, v in out.items()}, grads))
+    (own_a, out_a, g_a), (own_b, out_b, g_b) = results
+    assert (own_a, own_b) == (3, 1)
+    for k in out_a:
+        torch.testing.assert_close(out_a[k], out_b[k], rtol=0, atol=0)
+    assert g_a.keys() == g_b.keys()
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], rtol=0, atol=0)
     model.zero_grad()
 
 

@@ -46,12 +46,13 @@ class VilaHDTrainStep(nn.Module):
         layout = m.image_token_layout(tuple(pixel_values.shape[-2:]), **self.look_close)
         n_tok, n_low = layout.num_tokens, layout.num_low_res_tokens
         image_mask = input_ids == m.config.image_token_id
-        if int(image_mask.sum()) != placed * n_tok:
+        rows, cols = _image_positions(batch, image_mask)
+        if rows.numel() != placed * n_tok:
             raise ValueError(
-                f"the batch holds {int(image_mask.sum())} image tokens for {placed} image(s) of {n_tok} tokens "
+                f"the batch holds {rows.numel()} image tokens for {placed} image(s) of {n_tok} tokens "
                 f"({self.look_close}); the data was expanded with other look-close settings than the model uses"
             )
-        rows, cols = (t.view(placed, n_tok) for t in image_mask.nonzero(as_tuple=True))
+        rows, cols = rows.view(placed, n_tok), cols.view(placed, n_tok)
 
         embeds = m.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
         low = m.encode_low_res(pixel_values)
@@ -68,9 +69,7 @@ class VilaHDTrainStep(nn.Module):
             high = torch.cat([e[n_low:] for e in feats.embeds[:placed]]).to(embeds.dtype)
             embeds = embeds.index_put((rows[:, n_low:].reshape(-1), cols[:, n_low:].reshape(-1)), high)
 
-        keep = (targets != IGNORE_INDEX).any(0).nonzero(as_tuple=True)[0]
-        if keep.numel() == 0:
-            keep = torch.zeros(1, dtype=torch.long, device=targets.device)
+        keep = _target_columns(batch, targets)
         out = m.language_model(inputs_embeds=embeds, position_ids=positions, logits_to_keep=keep, use_cache=False)
         lm = lm_loss_sum(out.logits, targets[:, keep])
 
@@ -119,3 +118,21 @@ class VilaHDTrainStep(nn.Module):
             at.append(states[:1, 0].expand(extra, -1))
         head_dtype = next(m.mm_projector.parameters()).dtype
         return m.mm_projector.prompt(torch.cat(at).to(head_dtype))
+
+
+# Index plans: from the collator when it found them on the CPU (no GPU sync), else computed here.
+def _image_positions(batch: dict[str, Any], image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of every image token, row-major."""
+    found = batch.get("image_positions")
+    if found is not None:
+        return found[0], found[1]
+    return image_mask.nonzero(as_tuple=True)
+
+
+def _target_columns(batch: dict[str, Any], targets: torch.Tensor) -> torch.Tensor:
+    """Columns where some row has a target (at least one, so the LM head always runs)."""
+    found = batch.get("target_columns")
+    if found is not None:
+        return found
+    keep = (targets != IGNORE_INDEX).any(0).nonzero(as_tuple=True)[0]
+    return keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=targets.device)

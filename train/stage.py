@@ -201,7 +201,8 @@ def build_data(config: StageConfig, processor, world: int, rank: int, grad_accum
     pad = processor.tokenizer.pad_token_id
     if pad is None:
         pad = processor.tokenizer.eos_token_id
-    collator = Collator(pad, size, config.data.max_length, packing=config.data.packing)
+    collator = Collator(pad, size, config.data.max_length, packing=config.data.packing,
+                        image_token_id=processor.image_token_id)
     sampler = StepSampler(len(dataset), config.batch.micro_batch_size, grad_accum, world, rank, config.seed)
     return StageData(dataset, collator, sampler, config.data.num_workers, config.seed)
 

@@ -31,8 +31,9 @@ class Collator:
     """Builds micro-batches; ``packing`` puts the samples into as few rows of ``max_length`` as possible."""
 
     def __init__(self, pad_token_id: int, image_size: tuple[int, int], max_length: int, packing: bool = False,
-                 pad_to_multiple_of: int = 8):
+                 pad_to_multiple_of: int = 8, image_token_id: int | None = None):
         self.pad_token_id = int(pad_token_id)
+        self.image_token_id = image_token_id
         self.image_size = tuple(image_size)
         self.max_length = int(max_length)
         self.packing = packing
@@ -48,9 +49,20 @@ class Collator:
         if not rows:  # every sample was rejected: one empty row keeps the step's module calls unchanged
             rows = [[]]
         batch = self._rows(rows)
+        batch.update(self._index_plan(batch))
         batch["skipped"] = skipped
         batch["num_samples"] = len(good)
         return batch
+
+    def _index_plan(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Data-dependent indices the training forward needs, found here on the CPU (in the loader workers) so
+        the GPU step never waits for them: (2, N) row/column of every image token (row-major, as
+        ``nonzero`` orders them) and the columns where some row carries a target (at least one column)."""
+        targets = (batch["target_ids"] != IGNORE_INDEX).any(0).nonzero()[:, 0]
+        plan = {"target_columns": targets if targets.numel() else torch.zeros(1, dtype=torch.long)}
+        if self.image_token_id is not None:
+            plan["image_positions"] = (batch["input_ids"] == self.image_token_id).nonzero().T.contiguous()
+        return plan
 
     def _rows(self, rows: list[list[EncodedSample]]) -> dict[str, Any]:
         widest = max(max(sum(len(s.input_ids) for s in row) for row in rows), 1)
