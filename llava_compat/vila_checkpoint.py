@@ -213,7 +213,12 @@ def read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
 
 
 def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None):
-    """Load a VILA-layout checkpoint as a :class:`VilaHDForConditionalGeneration` (eval mode)."""
+    """Load a VILA-layout checkpoint as a :class:`VilaHDForConditionalGeneration` (eval mode).
+
+    ``device``: a device (``"cuda:0"``, ``torch.device``): every part is created empty and filled from its
+    safetensors on that device, with no full copy in CPU memory first; an accelerate strategy (``"auto"``,
+    ``"balanced"``, ...): the LLM is spread by it and the vision tower and projector go where the LLM's input
+    embeddings are; a dict over the combined model's module names: loaded on the CPU, then dispatched."""
     from transformers import AutoModelForCausalLM
 
     from vila_hd.model.hub import refuse_pickled_weights
@@ -227,20 +232,25 @@ def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         refuse_pickled_weights(os.path.join(path, part), "VILA checkpoint part")
     config = read_vila_config(path)
     processor = load_vila_processor(path, config)
+    llm_map, vision_map = _part_device_maps(device)
     llm, info = AutoModelForCausalLM.from_pretrained(
         os.path.join(path, "llm"),
         output_loading_info=True,
         use_safetensors=True,
         attn_implementation=default_attn_implementation(),
         **_dtype_kwargs(dtype),
+        **llm_map,
     )
     _raise_on_loading_problems("llm", info)
+    if vision_map is None:  # an accelerate strategy: follow the LLM's input embeddings
+        vision_map = {"device_map": {"": str(llm.get_input_embeddings().weight.device)}}
     vision, info = PS3VisionModel.from_pretrained(
         os.path.join(path, "vision_tower"),
         config=config.vision_config,
         output_loading_info=True,
         use_safetensors=True,
         **_dtype_kwargs(dtype),
+        **vision_map,
     )
     _raise_on_loading_problems("vision_tower", info)
     config.text_config = llm.config
@@ -249,11 +259,26 @@ def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     model = VilaHDForConditionalGeneration(config, vision_tower=vision, language_model=llm)
     load_state_strict(model.mm_projector, read_safetensors_dir(os.path.join(path, "mm_projector")), "mm_projector")
     target = dtype if isinstance(dtype, torch.dtype) else next(llm.parameters()).dtype
-    model.mm_projector.to(target)
+    model.mm_projector.to(device=vision.device, dtype=target)
     model.set_generation_defaults(processor)
-    if device is not None and not isinstance(device, dict):
-        model.to(device)
+    if isinstance(device, dict):
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=device)
     return model.eval()
+
+
+_ACCELERATE_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _part_device_maps(device) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``from_pretrained`` placement kwargs for the LLM and the vision tower (None: follow the LLM)."""
+    if device is None or isinstance(device, dict):
+        return {}, {}
+    if isinstance(device, str) and device in _ACCELERATE_STRATEGIES:
+        return {"device_map": device}, None
+    on = {"device_map": {"": str(torch.device(device))}}
+    return on, on
 
 
 # --- export ------------------------------------------------------------------------------------------

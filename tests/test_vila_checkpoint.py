@@ -118,6 +118,32 @@ def test_vila_layout_loads_with_identical_outputs(tiny, vila_dir):
     assert loaded.generation_config.eos_token_id == model.generation_config.eos_token_id
 
 
+@pytest.mark.parametrize(("device_map", "llm_map", "vision_map"), [
+    ("cpu", {"": "cpu"}, {"": "cpu"}),  # created empty and filled on the device: no CPU copy first
+    ("auto", "auto", {"": "cpu"}),  # the LLM spread by accelerate, vision next to its input embeddings
+    ({"": "cpu"}, None, None),  # names of the combined model: loaded, then dispatched
+])
+def test_vila_layout_loads_onto_the_requested_device(tiny, vila_dir, monkeypatch, device_map, llm_map, vision_map):
+    from transformers import AutoModelForCausalLM
+
+    from vila_hd.ps3 import PS3VisionModel
+
+    seen = {}
+    for name, cls in (("llm", AutoModelForCausalLM), ("vision", PS3VisionModel)):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _name=name, _original=original, **kwargs):
+            seen[_name] = kwargs.get("device_map")
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    model, processor = tiny
+    loaded = VilaHDForConditionalGeneration.from_pretrained(vila_dir, device_map=device_map)
+    assert seen == {"llm": llm_map, "vision": vision_map}
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    torch.testing.assert_close(logits(loaded, processor), logits(model, processor), rtol=0, atol=0)
+
+
 def test_convert_roundtrip(tiny, vila_dir, tmp_path):
     model, processor = tiny
     reference = logits(model, processor)

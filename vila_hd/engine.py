@@ -482,28 +482,15 @@ def _load_base(model_dir: str, device: torch.device, dtype: torch.dtype, device_
                 f"--load-4bit needs our single-directory layout; convert {model_dir} first with "
                 "`vila-hd convert --to hf SRC DST`"
             )
-        # The VILA loader builds the model on the CPU; place it afterwards.
         from llava_compat.vila_checkpoint import load_vila_model
 
-        return _place(load_vila_model(model_dir, dtype=dtype), device, dtype, device_map)
+        return load_vila_model(model_dir, dtype=dtype, device=device_map or device)
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map or {"": str(device)}}
     if load_4bit:
         kwargs["quantization_config"] = _four_bit_config(device, dtype)
     # Weights are created on the meta device and filled from the safetensors shards on their target
     # device: no second full copy in CPU memory.
     return VilaHDForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True, **kwargs)
-
-
-def _place(model, device: torch.device, dtype: torch.dtype, device_map):
-    if device_map is None:
-        return model.to(device)
-    if isinstance(device_map, str):
-        from accelerate import infer_auto_device_map
-
-        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules, dtype=dtype)
-    from accelerate import dispatch_model
-
-    return dispatch_model(model, device_map=device_map)
 
 
 def _four_bit_config(device: torch.device, dtype: torch.dtype):
