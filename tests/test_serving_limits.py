@@ -134,6 +134,20 @@ def test_prompt_tokens_count_the_expanded_images(base, files):
         engine.generate_batch(convs)
 
 
+def test_prompt_length_is_refused_before_any_image_work(base, files, monkeypatch):
+    """A prompt that cannot run costs no image decoding or resizing: the length is known from the text."""
+    with_image = base.generate(base.single_turn([files / "img0.png"], QUESTION)).stats.prompt_tokens
+    engine = limited(base, max_prompt_tokens=with_image - 1)
+    conv = engine.single_turn([files / "img0.png"], QUESTION)
+
+    def no_image_work(*args, **kwargs):
+        raise AssertionError("images were preprocessed for a prompt over the limit")
+
+    monkeypatch.setattr(engine.processor.image_processor, "preprocess", no_image_work)
+    with pytest.raises(LimitExceeded, match=f"is {with_image}, above the serving limit"):
+        engine.generate(conv)
+
+
 def test_prompt_tokens_default_to_the_context_length(base, files, monkeypatch):
     engine = limited(base)  # default limits: max_prompt_tokens None -> the LLM's context length
     monkeypatch.setattr(engine.model.config.text_config, "max_position_embeddings", 20)

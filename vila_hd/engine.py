@@ -36,6 +36,7 @@ from PIL import Image
 from transformers.generation import BaseStreamer, StoppingCriteria
 
 from vila_hd.images import DEFAULT_MAX_PIXELS, load_image
+from vila_hd.processing import PromptTooLong
 
 ADAPTER_CONFIG = "adapter_config.json"
 LOOK_CLOSE_MODES = {"top-down": "after_prompt", "bottom-up": "after_image"}
@@ -784,13 +785,16 @@ class Engine:
             self.processor.apply_chat_template(c.chat_messages(), add_generation_prompt=True) for c in conversations
         ]
         images = [list(c.images) for c in conversations]
-        inputs = self.processor(
-            text=texts,
-            images=images if any(images) else None,
-            num_look_close=options.num_look_close,
-            num_token_look_close=options.num_token_look_close,
-        )
-        self._check_prompt_length(inputs, images)
+        try:  # the processor checks the length before it resizes any image
+            inputs = self.processor(
+                text=texts,
+                images=images if any(images) else None,
+                num_look_close=options.num_look_close,
+                num_token_look_close=options.num_token_look_close,
+                max_length=self.limits.prompt_limit(self.model.config),
+            )
+        except PromptTooLong as err:
+            raise self._prompt_too_long(err, len(conversations), len(images[err.index])) from None
         steps, tokens = inputs["num_look_close"], inputs["num_token_look_close"]
         mode = options.look_close_mode or self.model.config.look_close_mode
         stats = GenerationStats(
@@ -822,22 +826,15 @@ class Engine:
             for j, image in enumerate(conv.images):  # images added as PIL objects skipped the loader's check
                 self.limits.check_image(image, f"image {j + 1} of {where}")
 
-    def _check_prompt_length(self, inputs, images: list[list[Image.Image]]) -> None:
-        limit = self.limits.prompt_limit(self.model.config)
-        if limit is None:
-            return
-        lengths = inputs["attention_mask"].sum(-1).tolist()
-        for i, length in enumerate(lengths):
-            if length <= limit:
-                continue
-            where = "the prompt" if len(lengths) == 1 else f"the prompt of conversation {i}"
-            what = f"{where} after image expansion ({len(images[i])} image(s)) in tokens"
-            if self.limits.max_prompt_tokens is None:
-                raise LimitExceeded(
-                    f"{what} is {int(length)}, above the model's context length {limit} (max_position_embeddings); "
-                    "use fewer or smaller images, fewer look-close tokens or a shorter conversation"
-                )
-            raise self.limits.exceeded("max_prompt_tokens", what, int(length))
+    def _prompt_too_long(self, err: PromptTooLong, batch: int, images: int) -> LimitExceeded:
+        where = "the prompt" if batch == 1 else f"the prompt of conversation {err.index}"
+        what = f"{where} after image expansion ({images} image(s)) in tokens"
+        if err.limit != self.limits.max_prompt_tokens:
+            return LimitExceeded(
+                f"{what} is {err.length}, above the model's context length {err.limit} (max_position_embeddings); "
+                "use fewer or smaller images, fewer look-close tokens or a shorter conversation"
+            )
+        return self.limits.exceeded("max_prompt_tokens", what, err.length)
 
     def _generation_config(self, options: GenerationOptions):
         config = copy.deepcopy(self.model.generation_config)

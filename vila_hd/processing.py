@@ -33,6 +33,14 @@ PROCESSOR_CONFIG = "processor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
+class PromptTooLong(ValueError):
+    """A prompt is longer than the context or ``max_length`` after image expansion (raised before image work)."""
+
+    def __init__(self, message: str, index: int, length: int, limit: int):
+        super().__init__(message)
+        self.index, self.length, self.limit = index, length, limit
+
+
 class VilaHDProcessor:
     """Turns chats/prompts and images into the inputs of ``VilaHDForConditionalGeneration.generate``.
 
@@ -210,6 +218,7 @@ class VilaHDProcessor:
         return_tensors: str | None = "pt",
         add_special_tokens: bool | None = None,
         padding_side: str | None = None,
+        max_length: int | None = None,
         **_unused: Any,
     ) -> BatchFeature:
         """Tokenize prompts, expand ``<image>`` placeholders and preprocess images.
@@ -222,6 +231,9 @@ class VilaHDProcessor:
             num_look_close / num_token_look_close / only_select_first_n_scale: selection budget for these
                 inputs (default: the model's); the same values are returned so ``generate(**inputs)`` uses
                 them.
+            max_length: refuse (:class:`PromptTooLong`) a prompt longer than this after image expansion.
+
+        Lengths are checked before any image is loaded or resized: a prompt that cannot run costs no image work.
 
         Returns:
             ``BatchFeature`` with ``input_ids``, ``attention_mask`` (left padding by default),
@@ -234,11 +246,8 @@ class VilaHDProcessor:
         per_prompt = self._images_per_prompt(texts, images)
         flat_images = [im for group in per_prompt for im in group]
         look_close = self.layout.resolve_look_close(num_look_close, num_token_look_close)
-        pixel_values = None
-        image_hw = None
-        if flat_images:
-            pixel_values = self._preprocess_images(flat_images)
-            image_hw = tuple(pixel_values.shape[-2:])
+        # Every image is squash-resized to the processor's size, so the token count is known before loading.
+        image_hw = tuple(self.image_processor.image_size) if flat_images else None
         n_tokens = image_token_layout(
             self.layout,
             image_hw,
@@ -248,19 +257,17 @@ class VilaHDProcessor:
         ).num_tokens
         rows, positions = [], []
         for i, t in enumerate(texts):
-            ids, pos = self._tokenize(t, add_special_tokens)
-            ids, pos = self._expand(ids, pos, n_tokens)
-            if self.layout.max_context is not None and len(ids) > self.layout.max_context:
-                raise ValueError(
-                    f"prompt {i}: sequence of {len(ids)} tokens after image expansion ({len(per_prompt[i])} image(s) x "
-                    f"{n_tokens} tokens) exceeds the LLM context of {self.layout.max_context} (max_position_embeddings)"
-                )
+            ids, pos = self._expand(*self._tokenize(t, add_special_tokens), n_tokens)
+            self._check_length(i, len(ids), len(per_prompt[i]), n_tokens, max_length)
             rows.append(ids)
             positions.append(pos)
         input_ids, attention_mask, positions = self._pad(rows, positions, padding_side or self.padding_side)
         data = {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_positions": positions}
-        if pixel_values is not None:
-            data["pixel_values"] = pixel_values
+        if flat_images:
+            data["pixel_values"] = self._preprocess_images(flat_images)
+            if tuple(data["pixel_values"].shape[-2:]) != image_hw:
+                raise RuntimeError(f"the image processor returned {tuple(data['pixel_values'].shape[-2:])} images, "
+                                   f"not its image_size {image_hw}")
         out = BatchFeature(data=data, tensor_type=return_tensors)
         out["num_look_close"], out["num_token_look_close"] = look_close
         if only_select_first_n_scale is not None:
@@ -268,6 +275,17 @@ class VilaHDProcessor:
         return out
 
     # --- pieces -----------------------------------------------------------------------------------
+    def _check_length(self, index: int, length: int, images: int, n_tokens: int, max_length: int | None) -> None:
+        context = self.layout.max_context
+        if context is not None and length > context:
+            raise PromptTooLong(
+                f"prompt {index}: sequence of {length} tokens after image expansion ({images} image(s) x {n_tokens} "
+                f"tokens) exceeds the LLM context of {context} (max_position_embeddings)", index, length, context)
+        if max_length is not None and length > max_length:
+            raise PromptTooLong(
+                f"prompt {index}: sequence of {length} tokens after image expansion ({images} image(s) x {n_tokens} "
+                f"tokens) exceeds max_length={max_length}", index, length, max_length)
+
     def _images_per_prompt(self, texts: list[str], images) -> list[list[Any]]:
         counts = [t.count(self.image_token) for t in texts]
         if images is None:
