@@ -110,6 +110,49 @@ def test_collator_index_plan_spares_the_step_its_host_syncs(tiny, samples, packi
     model.zero_grad()
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_segment_attention_equals_the_masked_sdpa_path_and_builds_no_mask(samples, packing, monkeypatch):
+    """An SDPA LLM is switched to segment attention for the main pass: same losses and gradients as the
+    masked path (``llm_attention="model"``), the segment kernel runs once per sample and layer, and the main pass
+    builds no mask (so no host sync to look for packed rows)."""
+    import vila_hd.model.attention as attention
+
+    results = []
+    for choice in ("model", "auto"):
+        model, processor = build_tiny_model("tiny", seed=3)  # a fresh model: the switch is made in place
+        step = VilaHDTrainStep(model, LOOK, llm_attention=choice).eval()
+        assert model.language_model.config._attn_implementation == ("sdpa" if choice == "model" else
+                                                                      attention.SEGMENT_ATTENTION)
+        batch = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048, packing=packing,
+                         image_token_id=processor.image_token_id)(samples)
+        calls = []
+        monkeypatch.setattr(attention, "_row", _counting(attention._row, calls))
+        with count_host_syncs(where=True) as syncs:
+            out = step(batch)
+        monkeypatch.undo()
+        (out["lm"] + out["selection"]).backward()
+        masks = sum(n for site, n in syncs.by_site.items() if "masking_utils" in site)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((len(calls), masks, out, grads))
+    (calls_a, masks_a, out_a, g_a), (calls_b, masks_b, out_b, g_b) = results
+    layers = model.language_model.config.num_hidden_layers
+    assert calls_a == 0 and calls_b == layers * len(samples)  # one causal call per sample and layer
+    assert masks_b == masks_a - 1  # the prefix pass still builds its mask; the main pass no longer does
+    for k in out_a:
+        torch.testing.assert_close(out_a[k], out_b[k], rtol=1e-5, atol=1e-5)
+    assert g_a.keys() == g_b.keys()
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], rtol=1e-4, atol=1e-6)
+
+
+def _counting(row_fn, calls):
+    def wrapped(q, k, v, spans, *args):
+        calls.extend(spans)
+        return row_fn(q, k, v, spans, *args)
+
+    return wrapped
+
+
 def test_a_text_only_batch_still_gives_every_vision_parameter_a_gradient(tiny, samples):
     model, processor = tiny
     batch = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048)([samples[1]])

@@ -25,18 +25,23 @@ import torch
 from torch import nn
 
 from train.losses import IGNORE_INDEX, lm_loss_sum, selection_loss
+from vila_hd.model.attention import NO_MASKS, SEGMENT_ATTENTION, register_segment_attention, supports_segments
+
+LLM_ATTENTION = ("auto", "segments", "model")
 
 
 class VilaHDTrainStep(nn.Module):
     """Training forward of a VILA-HD model (optionally with LoRA layers injected by peft)."""
 
-    def __init__(self, model: nn.Module, look_close: dict[str, Any] | None = None, mode: str | None = None):
+    def __init__(self, model: nn.Module, look_close: dict[str, Any] | None = None, mode: str | None = None,
+                 llm_attention: str = "auto"):
         super().__init__()
         self.model = model
         self.look_close = {k: v for k, v in (look_close or {}).items() if v is not None}
         self.mode = mode or model.config.look_close_mode
         if self.mode not in ("after_prompt", "after_image"):
             raise ValueError(f"look_close mode must be after_prompt or after_image, got {self.mode!r}")
+        self.segments = use_segment_attention(model.language_model, llm_attention)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         m = self.model
@@ -70,7 +75,9 @@ class VilaHDTrainStep(nn.Module):
             embeds = embeds.index_put((rows[:, n_low:].reshape(-1), cols[:, n_low:].reshape(-1)), high)
 
         keep = _target_columns(batch, targets)
-        out = m.language_model(inputs_embeds=embeds, position_ids=positions, logits_to_keep=keep, use_cache=False)
+        spans = {"segments": batch["segments"], "attention_mask": NO_MASKS} if self.segments else {}
+        out = m.language_model(inputs_embeds=embeds, position_ids=positions, logits_to_keep=keep, use_cache=False,
+                               **spans)
         lm = lm_loss_sum(out.logits, targets[:, keep])
 
         # Images placed nowhere (the dummy) still reach the loss, with weight 0 (see the module docstring).
@@ -136,3 +143,22 @@ def _target_columns(batch: dict[str, Any], targets: torch.Tensor) -> torch.Tenso
         return found
     keep = (targets != IGNORE_INDEX).any(0).nonzero(as_tuple=True)[0]
     return keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=targets.device)
+
+
+def use_segment_attention(llm: nn.Module, choice: str) -> bool:
+    """Switch the LLM to segment attention (see :mod:`vila_hd.model.attention`) for ``"segments"``, and for
+    ``"auto"`` when it runs SDPA on transformers >= 5; ``"model"`` keeps its own implementation (flash-attn 2
+    already reads packed rows from the position ids). Returns whether the main pass passes segments."""
+    if choice not in LLM_ATTENTION:
+        raise ValueError(f"llm_attention must be one of {LLM_ATTENTION}, got {choice!r}")
+    current = llm.config._attn_implementation
+    wanted = choice == "segments" or (choice == "auto" and current in ("sdpa", SEGMENT_ATTENTION))
+    if not wanted:
+        return False
+    if not supports_segments():
+        if choice == "segments":
+            raise ValueError("llm_attention='segments' needs transformers >= 5 (masks prepared per layer type)")
+        return False
+    register_segment_attention()
+    llm.config._attn_implementation = SEGMENT_ATTENTION
+    return True

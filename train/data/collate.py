@@ -72,9 +72,9 @@ class Collator:
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
         target_ids = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
-        pixels, boxes, prompts, seq_lengths = [], [], [], []
+        pixels, boxes, prompts, seq_lengths, segments = [], [], [], [], []
         for r, row in enumerate(rows):
-            start = 0
+            start, spans = 0, []
             for s in row:
                 n = len(s.input_ids)
                 input_ids[r, start:start + n] = s.input_ids
@@ -86,7 +86,9 @@ class Collator:
                     pixels.append(s.pixel_values)
                     boxes.append(s.boxes if s.boxes is not None else torch.full((s.num_images, 4), float("nan")))
                 seq_lengths.append(n)
+                spans.append((start, start + n))
                 start += n
+            segments.append(tuple(spans))
             if start < length:  # the padding tail is a segment of its own
                 position_ids[r, start:] = torch.arange(length - start)
         placed = len(prompts)
@@ -111,5 +113,7 @@ class Collator:
                 "selection": int((~box_tensor[:placed].isnan().any(-1)).sum()),
             },
             "seq_lengths": seq_lengths,
+            "segments": tuple(segments),  # per row, the (start, end) span of each sample
             "num_tokens": int(sum(seq_lengths)),
         }
+

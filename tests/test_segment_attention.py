@@ -1,0 +1,57 @@
+"""Segment attention: equal to a block-diagonal causal mask, and the training step's main pass uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vila_hd.model.attention import segment_attention
+
+
+def dense_reference(q, k, v, segments):
+    """Block-diagonal causal mask over the spans; rows outside every span -> 0."""
+    b, h, length, _ = q.shape
+    mask = torch.zeros(b, 1, length, length, dtype=torch.bool)
+    inside = torch.zeros(b, length, dtype=torch.bool)
+    for r, spans in enumerate(segments):
+        for start, end in spans:
+            mask[r, 0, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+            inside[r, start:end] = True
+    mask[~inside[:, None, :, None].expand_as(mask)] = True  # keep softmax finite on gap rows, zeroed below
+    rep = h // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+    return (out * inside[:, None, :, None]).transpose(1, 2)
+
+
+def test_matches_a_block_diagonal_causal_mask_with_gqa_and_gaps():
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 13, 8, requires_grad=True)
+    k = torch.randn(2, 2, 13, 8, requires_grad=True)
+    v = torch.randn(2, 2, 13, 8, requires_grad=True)
+    segments = (((0, 5), (5, 11)), ((2, 13),))  # row 0: two samples and a padding tail; row 1: a gap first
+    ours, _ = segment_attention(nn.Module(), q, k, v, None, segments=segments)
+    ref = dense_reference(q, k, v, segments)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_without_segments_it_is_sdpa():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 7, 4) for _ in range(3))
+    module = nn.Module()
+    module.is_causal = True
+    ours, _ = segment_attention(module, q, k, v, None)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
+
+
+@pytest.mark.parametrize("segments", [((0, 5), (4, 8)), ((0, 0),), ((3, 20),)])
+def test_bad_segments_are_named(segments):
+    q = torch.randn(1, 2, 10, 4)
+    with pytest.raises(ValueError, match="segment"):
+        segment_attention(nn.Module(), q, q, q, None, segments=(segments,))
+

@@ -1,0 +1,93 @@
+"""Segment attention for training rows that hold several samples (packing) or a sample and its padding.
+
+With SDPA, transformers turns such rows into a dense (L x L) boolean mask: it is built for every forward (after a
+host sync to find the segments), takes L^2 memory per row, and keeps attention off the fused causal kernels
+(flash / cuDNN) and off their grouped-query path, so every K/V head is copied to all its query heads.
+
+:data:`SEGMENT_ATTENTION` is an attention implementation for Hugging Face decoders (registered with
+``AttentionInterface``): given ``segments`` -- per row, the ``(start, end)`` spans of its samples, known on the
+host from the collator -- it runs one causal SDPA call per span (``enable_gqa``, no mask: the fused kernels),
+so a row of four samples costs four causal triangles instead of a full square, and padding costs nothing
+(its output is zero; it carries no loss). Without ``segments`` it *is* SDPA (same masks, same kernel), so the
+same model serves calls that do not pass them (e.g. the top-down prefix pass).
+
+Passing :data:`NO_MASKS` as ``attention_mask`` with ``segments`` tells the decoder that masks are prepared (none
+are needed), so it builds none. Both need transformers >= 5 (masks prepared as a dict per layer type).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["NO_MASKS", "SEGMENT_ATTENTION", "register_segment_attention", "segment_attention", "supports_segments"]
+
+SEGMENT_ATTENTION = "vila_hd_segments"
+Segments = Sequence[Sequence[tuple[int, int]]]
+
+
+class _NoMasks(dict):
+    """A decoder's prepared per-layer-type masks, all None."""
+
+    def __missing__(self, key):
+        return None
+
+
+NO_MASKS = _NoMasks()
+
+
+def supports_segments() -> bool:
+    """transformers >= 5: decoders accept masks prepared as a dict (so :data:`NO_MASKS` skips building them)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+@torch.compiler.disable  # a Python loop over host-known spans: keep it out of compiled regions
+def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      segments: Segments | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """``query`` (B, H, L, D), ``key`` / ``value`` (B, H_kv, L, D) -> ((B, L, H, D), None), the attention-interface
+    contract. With ``segments``: causal attention inside each span, zeros outside every span (any mask is
+    ignored: the spans define it). Without: transformers' SDPA attention."""
+    if segments is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if len(segments) != query.shape[0]:
+        raise ValueError(f"segments describe {len(segments)} rows but the batch has {query.shape[0]}")
+    gqa = key.shape[1] != query.shape[1]
+    rows = [_row(query[b], key[b], value[b], spans, dropout, scaling, gqa) for b, spans in enumerate(segments)]
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def _row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Sequence[tuple[int, int]], dropout: float,
+         scaling: float | None, gqa: bool) -> torch.Tensor:
+    """One row (H, L, D): causal SDPA per span, zeros in the gaps."""
+    length = q.shape[1]
+    pieces, at = [], 0
+    for start, end in spans:
+        if not at <= start < end <= length:
+            raise ValueError(f"segment ({start}, {end}) is empty, overlaps the previous one or leaves the row "
+                             f"of {length} tokens")
+        if start > at:
+            pieces.append(q.new_zeros(q.shape[0], start - at, v.shape[-1]))
+        s = slice(start, end)
+        pieces.append(F.scaled_dot_product_attention(q[None, :, s], k[None, :, s], v[None, :, s], dropout_p=dropout,
+                                                     is_causal=True, scale=scaling, enable_gqa=gqa)[0])
+        at = end
+    if at < length:
+        pieces.append(q.new_zeros(q.shape[0], length - at, v.shape[-1]))
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+
+def register_segment_attention() -> None:
+    """Make :data:`SEGMENT_ATTENTION` a valid ``attn_implementation`` (its masks, when built, are SDPA's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, sdpa_mask)
