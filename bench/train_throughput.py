@@ -18,6 +18,10 @@ pass (forward only). Peak: 989 TFLOP/s (H100/H200 bf16 dense) unless --peak-tflo
 ``--profile DIR``: after the timed steps, 2 more steps under ``torch.profiler`` (see ``bench/profiling.py``):
 DIR/kernels.txt (top kernels), DIR/summary.json (wall vs GPU busy time, time per kernel category), and
 DIR/trace.json with ``--profile-trace``. With ``--packing both`` each mode gets DIR/packing_on, DIR/packing_off.
+
+``--compile``: regional ``torch.compile`` (each LLM decoder layer and PS3 block, see ``train/compile.py``;
+``--compile-mode``, ``--compile-backend``); compilation and recompilation for new shapes fall in the warm-up
+steps (raise ``--warmup`` if the timed steps still see new shapes), and the header line says whether it is on.
 """
 
 from __future__ import annotations
@@ -126,6 +130,14 @@ def run(args, packing: bool, profile_dir: str | None = None) -> dict:
         else:
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.vision_tower.vision_model.gradient_checkpointing = args.checkpoint_vision
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        from train.compile import compile_blocks
+
+        torch._dynamo.reset()  # each packing mode compiles afresh (recompile limits count per process)
+        counters.clear()
+        compile_blocks(model, _compile_config(args))
     never = ("prior_prompt", "trunk.norm.", "trunk.attn_pool.")
     for name, p in model.named_parameters():
         p.requires_grad_(not any(k in name for k in never))
@@ -181,6 +193,11 @@ def run(args, packing: bool, profile_dir: str | None = None) -> dict:
         "mfu": statistics.mean(flops) / t / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        result["compiled_graphs"] = counters["stats"]["unique_graphs"]
+        result["graph_breaks"] = sum(counters["graph_break"].values())
     if profile_dir:
         from profiling import profile_steps  # bench/ is sys.path[0] when this file runs as a script
 
@@ -207,6 +224,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-checkpoint-llm", dest="checkpoint_llm", action="store_false")
     parser.add_argument("--no-checkpoint-vision", dest="checkpoint_vision", action="store_false")
     parser.add_argument("--bf16", action="store_true", help="bf16 on CPU too")
+    parser.add_argument("--compile", action="store_true",
+                        help="regional torch.compile of the LLM decoder layers and PS3 blocks (train/compile.py); "
+                             "compilation happens in the warm-up steps")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: from the GPU name)")
     parser.add_argument("--output-dir", default="outputs/bench_train")
     parser.add_argument("--json", help="write the results here")
@@ -215,6 +237,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.preset = args.preset or ("1.5b" if torch.cuda.is_available() else "tiny")
     args.max_length = args.max_length or (8192 if args.preset != "tiny" else 512)
+    if args.compile:
+        try:
+            _compile_config(args)  # a bad --compile-mode fails here, before the models are built
+        except ValueError as err:
+            parser.error(str(err))
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     from train.trainer import init_distributed
@@ -223,17 +250,34 @@ def main(argv=None) -> int:
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.packing]
     results = [run(args, packing, _profile_dir(args.profile, packing, len(modes) > 1)) for packing in modes]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"device: {device}; model: {args.preset}; ZeRO-2, {'bf16' if torch.cuda.is_available() or args.bf16 else 'fp32'}")
+    print(f"device: {device}; model: {args.preset}; ZeRO-2, {'bf16' if torch.cuda.is_available() or args.bf16 else 'fp32'}; "
+          f"compile: {_compile_label(args)}")
     print("MFU = (6 N T + 12 L d sum s^2 for the LLM, 6 N_v P + attention for PS3, 2 N T' for the prefix pass) "
           "/ (step time x peak)")
     header = ["packing", "rows_x_length", "tokens_per_step", "padding_fraction", "step_s_median", "tokens_per_s",
               "samples_per_s", "achieved_tflops", "mfu", "peak_memory_gib"]
+    header += ["compiled_graphs", "graph_breaks"] if args.compile else []
     for r in results:
         print("  ".join(f"{h}={_fmt(r[h])}" for h in header))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "preset": args.preset, "results": results}, f, indent=2)
+            json.dump({"device": device, "preset": args.preset, "compile": _compile_label(args), "results": results},
+                      f, indent=2)
     return 0
+
+
+def _compile_config(args):
+    from train.config import CompileConfig
+
+    config = CompileConfig(enabled=True, backend=args.compile_backend, mode=args.compile_mode)
+    config.validate()
+    return config
+
+
+def _compile_label(args) -> str:
+    if not args.compile:
+        return "off"
+    return f"blocks ({args.compile_backend}, mode={args.compile_mode or 'default'})"
 
 
 def _profile_dir(root: str | None, packing: bool, several: bool) -> str | None:

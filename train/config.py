@@ -10,6 +10,7 @@ data mixture, the look-close settings used in training, the DeepSpeed config and
     look_close: {num_token_look_close: 10240}
     loss: {selection_weight: 1.0}
     deepspeed: zero3                            # a name in configs/deepspeed/ or a JSON path
+    compile: {enabled: true}                    # optional: regional torch.compile (off by default)
 
 Relative paths in a stage YAML are taken from the current directory (run from the repository root).
 ``--set data.max_length=4096`` (YAML-parsed values) overrides any field.
@@ -146,6 +147,39 @@ class LoraConfig:
     quantize: str | None = None  # "4bit" (QLoRA: needs bitsandbytes and a GPU)
 
 
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class CompileConfig:
+    """Regional ``torch.compile``: each transformer block compiled on its own, in place (see train/compile.py)."""
+
+    enabled: bool = False
+    backend: str = "inductor"  # any torch.compile backend ("aot_eager" to check without code generation)
+    mode: str | None = None  # one of COMPILE_MODES (None: torch's default)
+    dynamic: bool | None = None  # None: torch decides (dynamic shapes after the first shape change)
+    llm: bool = True  # the LLM's decoder layers
+    vision: bool = True  # PS3's trunk blocks
+    # Compiled graphs kept per block stack (torch's recompile_limit, process-wide; None: torch's default, 8).
+    # A stack's blocks share one entry list; grad / no-grad passes, one-row batches and mask / no-mask
+    # batches each take entries, and calls past the limit run eagerly.
+    recompile_limit: int | None = None
+
+    def validate(self) -> None:
+        if self.mode not in COMPILE_MODES:
+            raise ValueError(f"compile.mode must be one of {list(COMPILE_MODES)}, got {self.mode!r}")
+        for name in ("enabled", "llm", "vision"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"compile.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.dynamic is not None and not isinstance(self.dynamic, bool):
+            raise ValueError(f"compile.dynamic must be true, false or null, got {self.dynamic!r}")
+        limit = self.recompile_limit
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise ValueError(f"compile.recompile_limit must be a positive integer or null, got {self.recompile_limit!r}")
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"compile.backend must be a backend name, got {self.backend!r}")
+
+
 @dataclass
 class StageConfig:
     stage: str = "stage"
@@ -166,6 +200,7 @@ class StageConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig | None = None
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     def validate(self) -> None:
         self.init.validate()
@@ -183,6 +218,7 @@ class StageConfig:
             raise ValueError("batch.micro_batch_size must be >= 1")
         if self.lora is not None and self.lora.quantize not in (None, "4bit"):
             raise ValueError(f"lora.quantize must be null or '4bit', got {self.lora.quantize!r}")
+        self.compile.validate()
 
     @property
     def learning_rates(self) -> dict[str, float]:
@@ -241,6 +277,7 @@ _NESTED = {
     (StageConfig, "checkpoint"): CheckpointConfig,
     (StageConfig, "logging"): LoggingConfig,
     (StageConfig, "lora"): LoraConfig,
+    (StageConfig, "compile"): CompileConfig,
 }
 
 

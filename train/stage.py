@@ -145,6 +145,16 @@ def enable_gradient_checkpointing(model, config: StageConfig) -> None:
         model.vision_tower.vision_model.gradient_checkpointing = True
 
 
+def apply_compile(model, config: StageConfig) -> list[str]:
+    """Regional ``torch.compile`` of the transformer blocks when ``compile.enabled`` (after gradient
+    checkpointing is set up); returns what was compiled (nothing when disabled)."""
+    if not config.compile.enabled:
+        return []
+    from train.compile import compile_blocks
+
+    return compile_blocks(model, config.compile)
+
+
 # --- data -------------------------------------------------------------------------------------------
 def open_registry(config: StageConfig) -> dict[str, ds.DatasetEntry]:
     registry: dict[str, ds.DatasetEntry] = {}
@@ -289,6 +299,7 @@ def run_stage(config: StageConfig, resume: bool = True, until: int | None = None
         peft_model = apply_lora(model, config.lora, list(rates))
     param_groups = set_trainable(peft_model if peft_model is not None else model, config)
     enable_gradient_checkpointing(model, config)
+    compiled = apply_compile(model, config)
     step_module = VilaHDTrainStep(model, config.look_close.kwargs(), config.look_close.mode)
     step_module.train()
 
@@ -302,6 +313,13 @@ def run_stage(config: StageConfig, resume: bool = True, until: int | None = None
             json.dump(config.to_dict(), f, indent=2, default=str)
         for part, (n_train, n_total) in sorted(trainable_summary(model if peft_model is None else peft_model).items()):
             print(f"{part:>14}: {n_train:>13,} / {n_total:>13,} trainable", flush=True)
+        if compiled:
+            print(f"torch.compile ({config.compile.backend}, mode={config.compile.mode}): {'; '.join(compiled)}",
+                  flush=True)
+            if (ds_template.get("zero_optimization") or {}).get("stage") == 3:
+                print("warning: compile with ZeRO-3: DeepSpeed's parameter-gathering hooks (compiler-disabled) break "
+                      "each compiled block into pieces; it trains correctly but gains little (ZeRO-2 keeps blocks whole)",
+                      flush=True)
 
     warmup = config.optim.warmup_steps
     total = config.max_steps or max(1, int(round(config.epochs * data.steps_per_epoch)))
