@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.data.prefix import PrefixPlan, prefix_plan
 from train.losses import IGNORE_INDEX, lm_loss_sum, selection_loss
 from vila_hd.model.attention import NO_MASKS, SEGMENT_ATTENTION, register_segment_attention, supports_segments
 
@@ -67,8 +68,7 @@ class VilaHDTrainStep(nn.Module):
                                   low_embeds[:placed].reshape(-1, hidden).to(embeds.dtype))
         prompts = None
         if self.mode == "after_prompt":
-            prompts = self._prompts(embeds, positions, rows, cols, n_low, batch["prompt_index"],
-                                    pixel_values.shape[0])
+            prompts = self._prompts(embeds, batch, rows, cols, n_low, pixel_values.shape[0])
         feats = m.get_image_features(prompts=prompts, low_res=low, low_res_embeds=low_embeds, **self.look_close)
         if placed:
             high = torch.cat([e[n_low:] for e in feats.embeds[:placed]]).to(embeds.dtype)
@@ -88,38 +88,20 @@ class VilaHDTrainStep(nn.Module):
         selection = torch.where(has_box, per_image, torch.zeros_like(per_image)).sum()
         return {"lm": lm + 0.0 * unused, "selection": selection}
 
-    def _prompts(self, embeds, positions, rows, cols, n_low, prompt_index, num_images) -> torch.Tensor:
+    def _prompts(self, embeds, batch, rows, cols, n_low, num_images) -> torch.Tensor:
         """Top-down prompts (num_images, C): the LLM (no gradient) over each row's tokens without the high-res
-        ones, up to the row's last prompt position; hidden state at each image's prompt -> prompt head."""
+        ones, up to the row's last prompt position (:mod:`train.data.prefix`); hidden state at each image's
+        prompt -> prompt head."""
         m = self.model
-        batch, length = positions.shape
-        device = embeds.device
-        idx = torch.arange(length, device=device)
-        high = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        high[rows[:, n_low:].reshape(-1), cols[:, n_low:].reshape(-1)] = True
-        last = torch.full((batch,), -1, dtype=torch.long, device=device)
-        if prompt_index.numel():
-            last = last.scatter_reduce(0, prompt_index[:, 0], prompt_index[:, 1], reduce="amax")
-        keep = ~high & (idx[None] <= last[:, None])
-        keep[0, 0] = True  # the dummy image's prompt reads position (0, 0)
-        lengths = keep.sum(1)
-        width = int(lengths.max())
-        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        valid = idx[None, :width] < lengths[:, None]
-        # Position ids restart with every sample (segments start where the original positions are 0).
-        segment = (positions == 0).long().cumsum(1).gather(1, order)
-        segment = torch.where(valid, segment, segment.new_full((), length + 1))
-        starts = torch.ones_like(valid)
-        starts[:, 1:] = segment[:, 1:] != segment[:, :-1]
-        begin = torch.where(starts, idx[None, :width], torch.zeros_like(order)).cummax(1).values
-        prefix_positions = idx[None, :width] - begin
-        prefix_embeds = embeds[torch.arange(batch, device=device)[:, None], order]
+        prompt_index = batch["prompt_index"]
+        plan = _prefix_plan(batch, rows, cols, n_low)
+        prefix_embeds = embeds[torch.arange(embeds.shape[0], device=embeds.device)[:, None], plan.order]
+        spans = {"segments": plan.segments, "attention_mask": NO_MASKS} if self.segments and plan.segments else {}
         with torch.no_grad():
-            out = m.language_model.base_model(inputs_embeds=prefix_embeds, position_ids=prefix_positions,
-                                              use_cache=False)
+            out = m.language_model.base_model(inputs_embeds=prefix_embeds, position_ids=plan.positions,
+                                              use_cache=False, **spans)
         states = out.last_hidden_state
-        compact = keep.long().cumsum(1) - 1
-        at = [states[prompt_index[:, 0], compact[prompt_index[:, 0], prompt_index[:, 1]]]]
+        at = [states[prompt_index[:, 0], plan.prompt_columns]]
         extra = num_images - prompt_index.shape[0]
         if extra:
             at.append(states[:1, 0].expand(extra, -1))
@@ -134,6 +116,16 @@ def _image_positions(batch: dict[str, Any], image_mask: torch.Tensor) -> tuple[t
     if found is not None:
         return found[0], found[1]
     return image_mask.nonzero(as_tuple=True)
+
+
+def _prefix_plan(batch: dict[str, Any], rows: torch.Tensor, cols: torch.Tensor, n_low: int) -> PrefixPlan:
+    found = batch.get("prefix")
+    if found is None:
+        return prefix_plan(batch["position_ids"], rows, cols, n_low, batch["prompt_index"])
+    if found["low_res_tokens"] != n_low:
+        raise ValueError(f"the collator planned the prefix pass for {found['low_res_tokens']} low-res tokens per "
+                         f"image but the model's layout has {n_low}")
+    return PrefixPlan(**found).to(rows.device)
 
 
 def _target_columns(batch: dict[str, Any], targets: torch.Tensor) -> torch.Tensor:

@@ -25,15 +25,17 @@ import torch
 
 from train.data.dataset import IGNORE_INDEX, EncodedSample, SkippedSample
 from train.data.packing import pack
+from train.data.prefix import prefix_plan
 
 
 class Collator:
     """Builds micro-batches; ``packing`` puts the samples into as few rows of ``max_length`` as possible."""
 
     def __init__(self, pad_token_id: int, image_size: tuple[int, int], max_length: int, packing: bool = False,
-                 pad_to_multiple_of: int = 8, image_token_id: int | None = None):
+                 pad_to_multiple_of: int = 8, image_token_id: int | None = None, low_res_tokens: int | None = None):
         self.pad_token_id = int(pad_token_id)
         self.image_token_id = image_token_id
+        self.low_res_tokens = low_res_tokens
         self.image_size = tuple(image_size)
         self.max_length = int(max_length)
         self.packing = packing
@@ -57,11 +59,18 @@ class Collator:
     def _index_plan(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Data-dependent indices the training forward needs, found here on the CPU (in the loader workers) so
         the GPU step never waits for them: (2, N) row/column of every image token (row-major, as
-        ``nonzero`` orders them) and the columns where some row carries a target (at least one column)."""
+        ``nonzero`` orders them), the columns where some row carries a target (at least one column) and, given
+        the low-res tokens per image, the top-down prefix pass's plan (:mod:`train.data.prefix`)."""
         targets = (batch["target_ids"] != IGNORE_INDEX).any(0).nonzero()[:, 0]
         plan = {"target_columns": targets if targets.numel() else torch.zeros(1, dtype=torch.long)}
-        if self.image_token_id is not None:
-            plan["image_positions"] = (batch["input_ids"] == self.image_token_id).nonzero().T.contiguous()
+        if self.image_token_id is None:
+            return plan
+        plan["image_positions"] = found = (batch["input_ids"] == self.image_token_id).nonzero().T.contiguous()
+        placed = batch["num_placed_images"]
+        if self.low_res_tokens is not None and (placed == 0 or found.shape[1] % placed == 0):
+            rows, cols = (t.view(placed, -1) if placed else t.view(0, 0) for t in found)
+            prefix = prefix_plan(batch["position_ids"], rows, cols, self.low_res_tokens, batch["prompt_index"])
+            plan["prefix"] = vars(prefix)
         return plan
 
     def _rows(self, rows: list[list[EncodedSample]]) -> dict[str, Any]:
