@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vila_hd.model.attention import segment_attention
+from vila_hd.model.attention import segment_attention, segment_table
 
 
 def dense_reference(q, k, v, segments):
@@ -31,7 +31,7 @@ def test_matches_a_block_diagonal_causal_mask_with_gqa_and_gaps():
     k = torch.randn(2, 2, 13, 8, requires_grad=True)
     v = torch.randn(2, 2, 13, 8, requires_grad=True)
     segments = (((0, 5), (5, 11)), ((2, 13),))  # row 0: two samples and a padding tail; row 1: a gap first
-    ours, _ = segment_attention(nn.Module(), q, k, v, None, segments=segments)
+    ours, _ = segment_attention(nn.Module(), q, k, v, None, segments=segment_table(segments))
     ref = dense_reference(q, k, v, segments)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
@@ -53,5 +53,13 @@ def test_without_segments_it_is_sdpa():
 def test_bad_segments_are_named(segments):
     q = torch.randn(1, 2, 10, 4)
     with pytest.raises(ValueError, match="segment"):
-        segment_attention(nn.Module(), q, q, q, None, segments=(segments,))
+        segment_attention(nn.Module(), q, q, q, None, segments=segment_table((segments,)))
 
+
+
+def test_a_table_naming_a_missing_row_or_of_the_wrong_shape_is_refused():
+    q = torch.randn(1, 2, 10, 4)
+    with pytest.raises(ValueError, match="names row 1 of a batch of 1"):
+        segment_attention(nn.Module(), q, q, q, None, segments=torch.tensor([[1, 0, 4]]))
+    with pytest.raises(ValueError, match=r"\(N, 3\) table"):
+        segment_attention(nn.Module(), q, q, q, None, segments=torch.tensor([0, 0, 4]))

@@ -138,7 +138,7 @@ def test_segment_attention_equals_the_masked_sdpa_path_and_builds_no_mask(sample
     (calls_a, masks_a, out_a, g_a), (calls_b, masks_b, out_b, g_b) = results
     layers = model.language_model.config.num_hidden_layers
     # one causal call per sample span and layer, in the main pass and in the prefix pass
-    spans = sum(map(len, batch["segments"])) + sum(map(len, batch["prefix"]["segments"]))
+    spans = len(batch["segments"]) + len(batch["prefix"]["segments"])
     assert calls_a == 0 and calls_b == layers * spans and spans >= len(samples) + 1
     assert masks_a == 2 and masks_b == 0  # neither pass builds a mask any more
     for k in out_a:

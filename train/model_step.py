@@ -96,7 +96,8 @@ class VilaHDTrainStep(nn.Module):
         prompt_index = batch["prompt_index"]
         plan = _prefix_plan(batch, rows, cols, n_low)
         prefix_embeds = embeds[torch.arange(embeds.shape[0], device=embeds.device)[:, None], plan.order]
-        spans = {"segments": plan.segments, "attention_mask": NO_MASKS} if self.segments and plan.segments else {}
+        use = self.segments and plan.segments is not None
+        spans = {"segments": plan.segments, "attention_mask": NO_MASKS} if use else {}
         with torch.no_grad():
             out = m.language_model.base_model(inputs_embeds=prefix_embeds, position_ids=plan.positions,
                                               use_cache=False, **spans)

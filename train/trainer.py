@@ -133,11 +133,16 @@ def fill_deepspeed_config(template: dict[str, Any], *, micro_batch_size: int, gr
     return cfg
 
 
+# Batch entries read on the host (segment tables, see vila_hd.model.attention): moving them would make each read
+# wait for the GPU.
+HOST_ENTRIES = frozenset({"segments"})
+
+
 def _to_device(batch: Any, device) -> Any:
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: v if k in HOST_ENTRIES else _to_device(v, device) for k, v in batch.items()}
     return batch
 
 

@@ -26,6 +26,7 @@ import torch
 from train.data.dataset import IGNORE_INDEX, EncodedSample, SkippedSample
 from train.data.packing import pack
 from train.data.prefix import prefix_plan
+from vila_hd.model.attention import segment_table
 
 
 class Collator:
@@ -122,7 +123,7 @@ class Collator:
                 "selection": int((~box_tensor[:placed].isnan().any(-1)).sum()),
             },
             "seq_lengths": seq_lengths,
-            "segments": tuple(segments),  # per row, the (start, end) span of each sample
+            "segments": segment_table(segments),  # (row, start, end) of each sample; stays on the host
             "num_tokens": int(sum(seq_lengths)),
         }
 

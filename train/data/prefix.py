@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vila_hd.model.attention import segment_table
+
 __all__ = ["PrefixPlan", "prefix_plan"]
 
 
@@ -23,7 +25,7 @@ class PrefixPlan:
     positions: torch.Tensor  # (B, W) position ids, restarting at every sample
     prompt_columns: torch.Tensor  # (P,) column of each image's prompt in the prefix rows
     low_res_tokens: int  # the image layout the plan was made for
-    segments: tuple[tuple[tuple[int, int], ...], ...] | None = None  # per row, sample spans (CPU plans only)
+    segments: torch.Tensor | None = None  # (N, 3) sample spans, a CPU table (CPU plans only, see segment_table)
 
     def to(self, device) -> PrefixPlan:
         return PrefixPlan(self.order.to(device, non_blocking=True), self.positions.to(device, non_blocking=True),
@@ -61,13 +63,13 @@ def prefix_plan(positions: torch.Tensor, image_rows: torch.Tensor, image_cols: t
     plan = PrefixPlan(order, idx[None, :width] - begin, compact[prompt_index[:, 0], prompt_index[:, 1]],
                       low_res_tokens)
     if device.type == "cpu":
-        plan.segments = _spans(starts & valid, lengths)
+        plan.segments = segment_table(_spans(starts & valid, lengths))
     return plan
 
 
-def _spans(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
+def _spans(starts: torch.Tensor, lengths: torch.Tensor) -> list[list[tuple[int, int]]]:
     rows = []
     for row, n in zip(starts.tolist(), lengths.tolist()):
         begins = [i for i, s in enumerate(row[:n]) if s]
-        rows.append(tuple(zip(begins, begins[1:] + [n])))
-    return tuple(rows)
+        rows.append(list(zip(begins, begins[1:] + [n])))
+    return rows

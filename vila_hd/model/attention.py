@@ -5,8 +5,8 @@ host sync to find the segments), takes L^2 memory per row, and keeps attention o
 (flash / cuDNN) and off their grouped-query path, so every K/V head is copied to all its query heads.
 
 :data:`SEGMENT_ATTENTION` is an attention implementation for Hugging Face decoders (registered with
-``AttentionInterface``): given ``segments`` -- per row, the ``(start, end)`` spans of its samples, known on the
-host from the collator -- it runs one causal SDPA call per span (``enable_gqa``, no mask: the fused kernels),
+``AttentionInterface``): given ``segments`` -- the ``(row, start, end)`` spans of the samples, a CPU table from the
+collator (:func:`segment_table`) -- it runs one causal SDPA call per span (``enable_gqa``, no mask: the fused kernels),
 so a row of four samples costs four causal triangles instead of a full square, and padding costs nothing
 (its output is zero; it carries no loss). Without ``segments`` it *is* SDPA (same masks, same kernel), so the
 same model serves calls that do not pass them (e.g. the top-down prefix pass).
@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NO_MASKS", "SEGMENT_ATTENTION", "register_segment_attention", "segment_attention", "supports_segments"]
+__all__ = ["NO_MASKS", "SEGMENT_ATTENTION", "register_segment_attention", "segment_attention", "segment_table",
+           "supports_segments"]
 
 SEGMENT_ATTENTION = "vila_hd_segments"
 Segments = Sequence[Sequence[tuple[int, int]]]
@@ -45,23 +46,43 @@ def supports_segments() -> bool:
     return int(transformers.__version__.split(".")[0]) >= 5
 
 
+def segment_table(segments: Segments) -> torch.Tensor:
+    """Per-row spans -> the (N, 3) int64 CPU table of (row, start, end) that :func:`segment_attention` takes.
+
+    A tensor, not nested lists, so that compiled decoder layers (``train/compile.py``) treat it as an input
+    instead of specialising (and recompiling) on every packing layout; on the CPU, so reading it never waits for
+    a GPU."""
+    rows = [(r, start, end) for r, spans in enumerate(segments) for start, end in spans]
+    return torch.tensor(rows, dtype=torch.long).view(-1, 3)
+
+
 @torch.compiler.disable  # a Python loop over host-known spans: keep it out of compiled regions
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      segments: Segments | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                      segments: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """``query`` (B, H, L, D), ``key`` / ``value`` (B, H_kv, L, D) -> ((B, L, H, D), None), the attention-interface
-    contract. With ``segments``: causal attention inside each span, zeros outside every span (any mask is
-    ignored: the spans define it). Without: transformers' SDPA attention."""
+    contract. With ``segments`` (a :func:`segment_table`): causal attention inside each span, zeros outside every
+    span (any mask is ignored: the spans define it). Without: transformers' SDPA attention."""
     if segments is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if len(segments) != query.shape[0]:
-        raise ValueError(f"segments describe {len(segments)} rows but the batch has {query.shape[0]}")
+    per_row = _per_row(segments, query.shape[0])
     gqa = key.shape[1] != query.shape[1]
-    rows = [_row(query[b], key[b], value[b], spans, dropout, scaling, gqa) for b, spans in enumerate(segments)]
+    rows = [_row(query[b], key[b], value[b], spans, dropout, scaling, gqa) for b, spans in enumerate(per_row)]
     return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def _per_row(table: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
+    if table.dim() != 2 or table.shape[1] != 3:
+        raise ValueError(f"segments must be an (N, 3) table of (row, start, end), got shape {tuple(table.shape)}")
+    per_row: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
+    for row, start, end in table.tolist():
+        if not 0 <= row < batch:
+            raise ValueError(f"segment ({row}, {start}, {end}) names row {row} of a batch of {batch}")
+        per_row[row].append((start, end))
+    return per_row
 
 
 def _row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Sequence[tuple[int, int]], dropout: float,
