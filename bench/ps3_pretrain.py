@@ -8,8 +8,9 @@ of random uint8 images at the model's largest scale, 25% global captions, boxes 
 
 FLOPs follow the trainer's convention (:func:`train.pretrain.loop.pretrain_flops`): 6 x params x tokens for the
 trunk (729 low-res + 2560 selected tokens per image) and the text tower (64 tokens), plus attention (not halved);
-gradient-checkpointing recomputation is not counted, so MFU is model FLOPs utilisation. Peak: 989 TFLOP/s (H100 /
-H200 bf16 dense) unless ``--peak-tflops`` says otherwise.
+gradient-checkpointing recomputation is not counted, so MFU is model FLOPs utilisation. Global-caption samples
+skip the high-res step (their feature is the low-res pooled one), so their 2560 tokens are not counted. Peak:
+989 TFLOP/s (H100 / H200 bf16 dense) unless ``--peak-tflops`` says otherwise.
 
     python bench/ps3_pretrain.py                                  # CUDA: PS3-1.5K and PS3-4K, bf16, batch 32
     python bench/ps3_pretrain.py --model PS3-4K-SigLIP --batch-size 16 32 --no-grad-checkpointing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import types
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from train.pretrain.data import BoxCaptionDataset, collate_box_caption
 from train.pretrain.model import PS3ForPretraining, box_recall, pretrain_loss
 from train.pretrain.synthetic import make_records, tiny_ps3_config, write_word_tokenizer
 from vila_hd.ps3 import PS3Tokenizer
+from vila_hd.ps3.selection import StepSpec
+from vila_hd.ps3.vision import PS3VisionModelOutput
 
 SIZE = 448  # scales 112 / 224 / 448: grids 8, 16, 32; budget 160 = [32, 128]
 
@@ -79,6 +82,74 @@ def test_global_captions_use_the_low_res_pooled_vector():
     swapped = model(**{**batch, "input_ids": batch["input_ids"].flip(0)})
     torch.testing.assert_close(swapped.topdown_probs[0][0], model(**{**batch, "input_ids": batch["input_ids"][[2, 1, 0]]}).topdown_probs[0][0])
     assert not torch.allclose(swapped.topdown_probs[0][0], out.topdown_probs[0][0])
+
+
+def forward_pooled_all_high_res(self, low, prompt=None, gt_selection_maps=None, is_global_text=None,
+                                pool_gt_token_only=False, num_token_look_close=None, smooth_selection_prob=False):
+    """The encoder's pooled path as it was: the high-res step on every sample, the global ones' result dropped."""
+    step_budget = sum(self.config.budget_each_scale)
+    tokens = num_token_look_close if num_token_look_close is not None and num_token_look_close <= step_budget else None
+    plan = self.plan(low.pixel_values, steps=[StepSpec(tokens=tokens)])
+    probs, bottom_up, top_down = self._scores(low, prompt, gt_selection_maps, smooth_selection_prob)
+    step_maps = self._select(probs, plan, 1)
+    high = self._encode_selected(low, step_maps, plan, [self.config.num_hidden_layers - 1])[0]
+    mask = self._gt_token_mask(gt_selection_maps, step_maps[0]) if pool_gt_token_only else None
+    pooled = self.trunk.pool(high, mask)
+    if is_global_text is not None:
+        low_pooled = self.trunk.pool(low.hidden_states[-1])
+        pooled = torch.where(is_global_text.view(-1, 1).bool(), low_pooled, pooled)
+    return PS3VisionModelOutput(pooled_output=pooled, selection_maps=step_maps[0], selection_probs=probs,
+                                bottomup_selection_probs=bottom_up, topdown_selection_probs=top_down)
+
+
+def high_res_batch_sizes(model: PS3ForPretraining) -> list[int]:
+    """Records the batch of every high-res (K/V-prefixed) call of the first trunk block."""
+    sizes = []
+    model.vision_model.trunk.blocks[0].register_forward_pre_hook(
+        lambda _, args: sizes.append(args[0].shape[0]) if args[1] is not None else None
+    )
+    return sizes
+
+
+def loss_and_grads(model: PS3ForPretraining, batch: dict):
+    out = model(**batch)
+    loss, _ = pretrain_loss(out)
+    loss.backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("is_global, high_res_batch", [
+    ([False, True, False], 2), ([True, False, True], 1), ([True, True, True], 1), ([False, False, False], 3),
+])
+def test_global_captions_skip_the_high_res_step(is_global, high_res_batch):
+    """Only local-caption samples run the high-res step (an all-global batch runs one as a weight-0 dummy, so
+    every parameter still gets a gradient); features, selection maps and probabilities, the loss and every
+    gradient equal those of the old path that ran it on every sample."""
+    batch = {**random_batch(), "is_global": torch.tensor(is_global)}
+    new, old = tiny_model(), tiny_model()
+    sizes = high_res_batch_sizes(new)
+    old.vision_model.forward_pooled = types.MethodType(forward_pooled_all_high_res, old.vision_model)
+    (out, grads), (ref, ref_grads) = loss_and_grads(new, batch), loss_and_grads(old, batch)
+    assert sizes == [high_res_batch]
+    torch.testing.assert_close(out.image_features, ref.image_features)
+    assert torch.isfinite(out.image_features).all() and out.image_features.shape == (3, 32)
+    for name in ("selection_maps", "bottomup_probs", "topdown_probs"):
+        for a, b in zip(getattr(out, name), getattr(ref, name), strict=True):
+            torch.testing.assert_close(a, b, msg=name)
+    assert grads.keys() == ref_grads.keys() == {n for n, p in new.named_parameters() if p.requires_grad}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@torch.no_grad()
+def test_global_caption_skip_with_merged_prefix_attention():
+    """The subset's K/V prefix also feeds the log-sum-exp merge (inference without gradients)."""
+    batch = {**random_batch(), "is_global": torch.tensor([True, False, False])}
+    new, old = tiny_model().eval(), tiny_model().eval()
+    old.vision_model.forward_pooled = types.MethodType(forward_pooled_all_high_res, old.vision_model)
+    for model in (new, old):
+        model.vision_model.set_prefix_attention("merge")
+    torch.testing.assert_close(new(**batch).image_features, old(**batch).image_features, rtol=1e-5, atol=1e-5)
 
 
 def test_selection_only_training_touches_only_selection_modules():
@@ -173,3 +244,24 @@ def test_box_recall_counts_box_patches_among_the_top_k():
     recall, chance = box_recall(probs, gt, torch.tensor([False, False, True]))
     assert recall == pytest.approx(0.5) and chance == pytest.approx(8 / 64)  # sample 0 all hits, 1 none, 2 global
     assert box_recall(probs, gt, torch.ones(3, dtype=torch.bool)) is None
+
+
+@pytest.mark.parametrize(("is_global", "skipped"), [([False, False, False], 0), ([False, True, False], 1),
+                                                     ([True, True, True], 2)])
+def test_flops_leave_out_the_high_res_step_of_global_captions(is_global, skipped):
+    """MFU counts the work done: a global-caption image skips the high-res step (one still runs, as a dummy, when
+    every caption is global); selection-only training counts no high-res step at all."""
+    from train.pretrain.loop import pretrain_flops
+
+    model = tiny_model()
+    vision = model.config.vision_config
+    batch = {"pixel_values": torch.zeros(3, 3, 8, 8), "is_global": torch.tensor(is_global)}
+    params = sum(p.numel() for n, p in model.vision_model.trunk.named_parameters()
+                 if n.startswith(("blocks.", "patch_embed.")))
+    low, step = vision.low_res_token_num, sum(vision.budget_each_scale)
+    high_res = 6.0 * params * step + 3.0 * 4 * vision.num_hidden_layers * vision.hidden_size * step * (low + step)
+    everything = pretrain_flops(model)({**batch, "is_global": torch.zeros(3, dtype=torch.bool)})
+    assert pretrain_flops(model)(batch) == pytest.approx(everything - skipped * high_res, rel=1e-12)
+    model.train_only_selection()
+    selection_only = pretrain_flops(model)
+    assert selection_only(batch) == selection_only({**batch, "is_global": torch.zeros(3, dtype=torch.bool)})

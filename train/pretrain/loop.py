@@ -205,8 +205,10 @@ def build_pretrain_data(config: PretrainConfig, model: PS3ForPretraining, world:
 def pretrain_flops(model: PS3ForPretraining, context_length: int | None = None) -> Any:
     """``flops(batch)`` of one micro-batch, with the MLLM trainer's convention (:mod:`train.flops`): 6 x params x
     tokens for trained towers plus attention, for the trunk over 729 low-res + one step of selected patches per
-    image and for the text tower over its context. In selection-only training the towers run forward only
-    (factor 2) and the high-res pass is skipped. The selection ConvNet and heads (< 1%) are not counted."""
+    image and for the text tower over its context. Global-caption images skip the high-res step (all but one
+    when a micro-batch holds only global captions: one runs as a dummy). In selection-only training the towers
+    run forward only (factor 2) and the high-res pass is skipped. The selection ConvNet and heads (< 1%) are not
+    counted."""
     from train.flops import FlopsModel
 
     vision, text = model.config.vision_config, model.config.text_config
@@ -216,17 +218,21 @@ def pretrain_flops(model: PS3ForPretraining, context_length: int | None = None) 
     factor = 2.0 if not model.contrastive else 6.0
     step = model.tokens_per_step or sum(vision.budget_each_scale)
     selected = step if model.contrastive else 0
-    flops = FlopsModel(
-        llm_params=int(txt), llm_layers=text.layers, llm_width=text.width, vision_params=int(vis),
-        vision_layers=vision.num_hidden_layers, vision_width=vision.hidden_size,
-        low_res_patches=vision.low_res_token_num, selected_patches=selected, patches_per_step=max(step, 1),
-        vision_factor=factor,
-    )
+    def model(selected: int) -> FlopsModel:
+        return FlopsModel(
+            llm_params=int(txt), llm_layers=text.layers, llm_width=text.width, vision_params=int(vis),
+            vision_layers=vision.num_hidden_layers, vision_width=vision.hidden_size,
+            low_res_patches=vision.low_res_token_num, selected_patches=selected, patches_per_step=max(step, 1),
+            vision_factor=factor,
+        )
+
+    flops, low_only = model(selected), model(0)
     length = context_length or text.context_length
 
     def batch_flops(batch: dict) -> float:
         n = int(batch["pixel_values"].shape[0])
-        return flops.vision(n) + flops.llm([length] * n, factor)
+        skipped = min(int(batch["is_global"].sum()), n - 1) if selected else 0
+        return flops.vision(n - skipped) + low_only.vision(skipped) + flops.llm([length] * n, factor)
 
     return batch_flops
 

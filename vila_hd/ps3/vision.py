@@ -340,9 +340,11 @@ class PS3VisionEncoder(nn.Module):
             self._pos_cache[scale_idx] = (key, pos)
         return pos
 
-    def _encode_selected(self, low, step_maps, plan, layers) -> list[torch.Tensor]:
-        """Embed each step's patches, run every step as one batch (grouped by length), gather per layer."""
-        x, batch_idx, flat_idx, owners = self._embed_steps(low.pixel_values, step_maps, plan)
+    def _encode_selected(self, low, step_maps, plan, layers, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Embed each step's patches, run every step as one batch (grouped by length), gather per layer.
+        ``rows``: the images of ``low`` that ``step_maps`` describe, in order (None: all of them)."""
+        pixels = low.pixel_values if rows is None else low.pixel_values[rows]
+        x, batch_idx, flat_idx, owners = self._embed_steps(pixels, step_maps, plan)
         union = torch.cat([sum(m[i] for m in step_maps).flatten(1) for i in range(len(step_maps[0]))], dim=1)
         rank = union.cumsum(1).long() - 1
         total = int(union[0].sum().item())
@@ -355,13 +357,17 @@ class PS3VisionEncoder(nn.Module):
                 if depth in layers:
                     out[layers.index(depth)][bg[:, None], pos] = h.to(out[0].dtype)
 
-            self._run_group(low, xg, bg, owner, deepest, keep)
+            self._run_group(low, xg, bg, owner, deepest, keep, rows)
         return out
 
-    def _run_group(self, low, x, batch_idx, owner, deepest: int, keep=None) -> torch.Tensor:
-        """High-res blocks for one group of equal-length sequences against their images' low-res K/V."""
+    def _run_group(self, low, x, batch_idx, owner, deepest: int, keep=None,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+        """High-res blocks for one group of equal-length sequences against their images' low-res K/V
+        (``batch_idx`` / ``owner`` index ``rows`` when given, else the batch of ``low``)."""
         # A group whose sequences all belong to one image shares its K/V prefix by broadcasting.
         pick = slice(owner, owner + 1) if owner is not None else batch_idx
+        if rows is not None:  # one gather per layer from the full cache, as without rows
+            pick = rows[pick]
         for depth, blk in enumerate(self.trunk.blocks[: deepest + 1]):
             k, v = low.kv_cache[depth]
             x, _ = self._run_block(blk, x, (k[pick], v[pick]), False)
@@ -428,9 +434,22 @@ class PS3VisionEncoder(nn.Module):
         return self.forward_pooled(low, prompt, gt_selection_maps, is_global_text, pool_gt_token_only,
                                    num_token_look_close, smooth_selection_prob)
 
-    def forward_pooled(self, low, prompt=None, gt_selection_maps=None, is_global_text=None,
-                       pool_gt_token_only=False, num_token_look_close=None, smooth_selection_prob=False):
-        """Pre-training path (§7): one look-close step, then a (box-masked) attention pool."""
+    def forward_pooled(
+        self,
+        low: LowResOutput,
+        prompt: torch.Tensor | None = None,
+        gt_selection_maps: torch.Tensor | None = None,
+        is_global_text: torch.Tensor | None = None,
+        pool_gt_token_only: bool = False,
+        num_token_look_close: int | None = None,
+        smooth_selection_prob: bool = False,
+    ) -> PS3VisionModelOutput:
+        """Pre-training path (§7): one look-close step, then a (box-masked) attention pool.
+
+        Samples with a global caption (``is_global_text``) take the low-res pooled vector, so only the others run
+        the high-res step; selection maps and probabilities still cover every sample. A batch of global captions
+        only runs the step on its first sample and adds it with weight 0: every rank makes the same module calls
+        and every parameter gets a gradient, whatever the data (ZeRO-3)."""
         batch = low.pixel_values.shape[0]
         self._check_prompt(prompt, batch)
         self._check_gt(gt_selection_maps, batch)
@@ -441,17 +460,42 @@ class PS3VisionEncoder(nn.Module):
         plan = self.plan(low.pixel_values, steps=[StepSpec(tokens=tokens)])
         probs, bottom_up, top_down = self._scores(low, prompt, gt_selection_maps, smooth_selection_prob)
         step_maps = self._select(probs, plan, 1)
-        last = self.config.num_hidden_layers - 1
-        high = self._encode_selected(low, step_maps, plan, [last])[0]
-        mask = self._gt_token_mask(gt_selection_maps, step_maps[0]) if pool_gt_token_only else None
-        pooled = self.trunk.pool(high, mask)
-        if is_global_text is not None:
-            low_pooled = self.trunk.pool(low.hidden_states[-1])
-            pooled = torch.where(is_global_text.view(-1, 1).bool(), low_pooled, pooled)
+        local = None if is_global_text is None else self._local_rows(is_global_text, batch, low.pixel_values.device)
+        # The images that run the high-res step: all (None), the local-caption ones, or the first as a dummy.
+        rows = None if local is None or len(local) == batch else (local if len(local) else local.new_zeros(1))
+        pooled = self._pool_high_res(low, step_maps, plan, gt_selection_maps if pool_gt_token_only else None, rows)
+        if local is not None:
+            pooled = self._with_low_res_pooled(low, pooled, local)
         return PS3VisionModelOutput(
             pooled_output=pooled, selection_maps=step_maps[0], selection_probs=probs,
             bottomup_selection_probs=bottom_up, topdown_selection_probs=top_down,
         )
+
+    @staticmethod
+    def _local_rows(is_global_text: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+        """Indices of the samples with a local caption (a host sync: their count sets the high-res batch)."""
+        if is_global_text.numel() != batch:
+            raise ValueError(f"is_global_text must have {batch} entries, got shape {tuple(is_global_text.shape)}")
+        return (~is_global_text.view(-1).bool()).nonzero().view(-1).to(device)
+
+    def _pool_high_res(self, low: LowResOutput, step_maps: list[list[torch.Tensor]], plan: list[list[int]],
+                       gt_selection_maps: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
+        """Last-layer high-res tokens of the images ``rows`` (None: all), attention-pooled over the tokens inside
+        the GT map when one is given."""
+        if rows is not None:
+            step_maps = [[m[rows] for m in step] for step in step_maps]
+            gt_selection_maps = None if gt_selection_maps is None else gt_selection_maps[rows]
+        high = self._encode_selected(low, step_maps, plan, [self.config.num_hidden_layers - 1], rows)[0]
+        mask = None if gt_selection_maps is None else self._gt_token_mask(gt_selection_maps, step_maps[0])
+        return self.trunk.pool(high, mask)
+
+    def _with_low_res_pooled(self, low: LowResOutput, high_pooled: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """Low-res pooled vectors with rows ``local`` replaced by ``high_pooled``; with no local row,
+        ``high_pooled`` (the discarded dummy step) enters with weight 0."""
+        low_pooled = self.trunk.pool(low.hidden_states[-1])
+        if len(local) == 0:
+            return low_pooled + 0.0 * high_pooled.sum()
+        return low_pooled.index_copy(0, local, high_pooled.to(low_pooled.dtype))
 
     def _gt_token_mask(self, gt_selection_maps, maps) -> torch.Tensor:
         """GT map (area-resized per scale) read at the selected patches, in token order."""
