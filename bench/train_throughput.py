@@ -141,11 +141,12 @@ def run(args, packing: bool, profile_dir: str | None = None) -> dict:
     never = ("prior_prompt", "trunk.norm.", "trunk.attn_pool.")
     for name, p in model.named_parameters():
         p.requires_grad_(not any(k in name for k in never))
-    step = VilaHDTrainStep(model, look).train()
+    step = VilaHDTrainStep(model, look, llm_attention=args.llm_attention).train()
     samples = synthetic_samples(model, image_token_id, look, args.samples_per_step * (args.steps + args.warmup),
                                 args.max_length)
-    collate = Collator(0, tuple([model.config.vision_config.ps3_scales[-1]] * 2), args.max_length, packing=packing,
-                       image_token_id=image_token_id)
+    size = tuple([model.config.vision_config.ps3_scales[-1]] * 2)
+    collate = Collator(0, size, args.max_length, packing=packing, image_token_id=image_token_id,
+                       low_res_tokens=model.image_token_layout(size, **look).num_low_res_tokens)
     k = args.samples_per_step
     batches = [collate(samples[i:i + k]) for i in range(0, len(samples), k)]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -221,6 +222,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=None, help="row length (default 8192; tiny 512)")
     parser.add_argument("--packing", choices=["both", "on", "off"], default="both")
     parser.add_argument("--attn", default=None, help="LLM attention implementation (sdpa, flex_attention, ...)")
+    parser.add_argument("--llm-attention", default="auto", choices=["auto", "segments", "model"],
+                        help="training attention for multi-sample rows: segment attention (auto: when the LLM runs "
+                             "SDPA) or the LLM's own implementation with a block mask (model)")
     parser.add_argument("--no-checkpoint-llm", dest="checkpoint_llm", action="store_false")
     parser.add_argument("--no-checkpoint-vision", dest="checkpoint_vision", action="store_false")
     parser.add_argument("--bf16", action="store_true", help="bf16 on CPU too")
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
     results = [run(args, packing, _profile_dir(args.profile, packing, len(modes) > 1)) for packing in modes]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device}; model: {args.preset}; ZeRO-2, {'bf16' if torch.cuda.is_available() or args.bf16 else 'fp32'}; "
-          f"compile: {_compile_label(args)}")
+          f"compile: {_compile_label(args)}; LLM attention: {args.llm_attention}")
     print("MFU = (6 N T + 12 L d sum s^2 for the LLM, 6 N_v P + attention for PS3, 2 N T' for the prefix pass) "
           "/ (step time x peak)")
     header = ["packing", "rows_x_length", "tokens_per_step", "padding_fraction", "step_s_median", "tokens_per_s",

@@ -234,3 +234,6 @@ def test_recipe_errors_name_the_key_and_set_overrides():
                                                         "lora={r: 4}", "look_close.num_look_close=all"])
     assert cfg.data.max_length == 128 and cfg.learning_rates == {"llm": 2e-5} and cfg.lora.r == 4
     assert cfg.look_close.num_look_close == "all"
+    assert cfg.llm_attention == "auto"
+    with pytest.raises(ValueError, match="llm_attention must be one of"):
+        stage_from_dict({"init": {"preset": "tiny"}, "llm_attention": "flash"})

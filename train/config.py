@@ -147,6 +147,7 @@ class LoraConfig:
     quantize: str | None = None  # "4bit" (QLoRA: needs bitsandbytes and a GPU)
 
 
+LLM_ATTENTION = ("auto", "segments", "model")  # see train.model_step.use_segment_attention
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -196,6 +197,8 @@ class StageConfig:
     seed: int = 42
     precision: str = "bf16"  # bf16 | fp32
     gradient_checkpointing: dict[str, bool] = field(default_factory=lambda: {"llm": True, "vision_tower": True})
+    # LLM attention in training: auto (segment attention when the LLM runs SDPA), segments, model (its own).
+    llm_attention: str = "auto"
     deepspeed: str = "zero2"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -219,6 +222,8 @@ class StageConfig:
         if self.lora is not None and self.lora.quantize not in (None, "4bit"):
             raise ValueError(f"lora.quantize must be null or '4bit', got {self.lora.quantize!r}")
         self.compile.validate()
+        if self.llm_attention not in LLM_ATTENTION:
+            raise ValueError(f"llm_attention must be one of {list(LLM_ATTENTION)}, got {self.llm_attention!r}")
 
     @property
     def learning_rates(self) -> dict[str, float]:

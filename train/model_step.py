@@ -24,11 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.config import LLM_ATTENTION
 from train.data.prefix import PrefixPlan, prefix_plan
 from train.losses import IGNORE_INDEX, lm_loss_sum, selection_loss
 from vila_hd.model.attention import NO_MASKS, SEGMENT_ATTENTION, register_segment_attention, supports_segments
-
-LLM_ATTENTION = ("auto", "segments", "model")
 
 
 class VilaHDTrainStep(nn.Module):

@@ -204,6 +204,7 @@ def build_data(config: StageConfig, processor, world: int, rank: int, grad_accum
     from train.data.collate import Collator
     from train.data.dataset import SampleEncoder, TrainingDataset
     from train.data.sampler import StepSampler
+    from vila_hd.model.token_layout import image_token_layout
 
     encoder = SampleEncoder(processor, config.data.max_length, config.look_close.kwargs())
     dataset = TrainingDataset(open_mixture(config), encoder)
@@ -211,8 +212,9 @@ def build_data(config: StageConfig, processor, world: int, rank: int, grad_accum
     pad = processor.tokenizer.pad_token_id
     if pad is None:
         pad = processor.tokenizer.eos_token_id
+    low_res = image_token_layout(processor.layout, size, **config.look_close.kwargs()).num_low_res_tokens
     collator = Collator(pad, size, config.data.max_length, packing=config.data.packing,
-                        image_token_id=processor.image_token_id)
+                        image_token_id=processor.image_token_id, low_res_tokens=low_res)
     sampler = StepSampler(len(dataset), config.batch.micro_batch_size, grad_accum, world, rank, config.seed)
     return StageData(dataset, collator, sampler, config.data.num_workers, config.seed)
 
@@ -300,7 +302,7 @@ def run_stage(config: StageConfig, resume: bool = True, until: int | None = None
     param_groups = set_trainable(peft_model if peft_model is not None else model, config)
     enable_gradient_checkpointing(model, config)
     compiled = apply_compile(model, config)
-    step_module = VilaHDTrainStep(model, config.look_close.kwargs(), config.look_close.mode)
+    step_module = VilaHDTrainStep(model, config.look_close.kwargs(), config.look_close.mode, config.llm_attention)
     step_module.train()
 
     accum = grad_accumulation(config, world)
