@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vila_hd.host_syncs import count_host_syncs
 from vila_hd.ps3 import PS3VisionModel
 from vila_hd.ps3.configuration import PS3VisionConfig, tiny_vision_config
 from vila_hd.ps3.convert_siglip import ps3_to_siglip, siglip_to_ps3
+from vila_hd.ps3.vision import selected_columns
 
 SCALES_15K = [378, 756, 1512]
 SCALES_4K = [378, 756, 1512, 3780]
@@ -135,6 +137,29 @@ def test_steps_are_independent(model_15k):
     # step 2 selects only new patches
     for sel1, sel2 in zip(one.selection_maps, two.selection_maps):
         assert torch.all(sel2 >= sel1) and sel2.max() == 1
+
+
+def test_selected_columns_equal_nonzero():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.zeros(3, 500)
+    for row, n in enumerate((7, 40, 1)):
+        maps[row, torch.randperm(500, generator=g)[:n]] = 1.0
+    for row, n in enumerate((7, 40, 1)):
+        got = selected_columns(maps[row : row + 1], n)[0]
+        assert torch.equal(got, maps[row].nonzero()[:, 0])
+
+
+@torch.no_grad()
+def test_look_close_never_waits_for_the_device(model_4k):
+    """Selection, patch gathering and the batched high-res pass run without a host sync (the counts come from
+    the plan), so on a GPU the host queues the high-res blocks while the low-res pass still runs."""
+    enc = model_4k.vision_model
+    x = torch.cat([image((3780, 3780), seed=2), image((3780, 3780), seed=3)])
+    low = enc.encode_low_res(x)
+    with count_host_syncs(where=True) as syncs:
+        out = enc.look_close(low, num_look_close=2, prompt=torch.randn(2, enc.width))
+    assert syncs.total == 0, syncs.by_site
+    assert out.last_hidden_state.shape[1] == 729 + 2 * 2560
 
 
 @torch.no_grad()

@@ -347,7 +347,7 @@ class PS3VisionEncoder(nn.Module):
         x, batch_idx, flat_idx, owners = self._embed_steps(pixels, step_maps, plan)
         union = torch.cat([sum(m[i] for m in step_maps).flatten(1) for i in range(len(step_maps[0]))], dim=1)
         rank = union.cumsum(1).long() - 1
-        total = int(union[0].sum().item())
+        total = sum(sum(counts) for counts in plan)  # the steps select disjoint patches, plan[s][i] at scale i
         out = [x[0].new_zeros(union.shape[0], total, self.width) for _ in layers]
         deepest = max(layers)
         for xg, bg, fg, owner in zip(x, batch_idx, flat_idx, owners):
@@ -383,11 +383,9 @@ class PS3VisionEncoder(nn.Module):
         offsets = [0]
         for m in step_maps[0]:
             offsets.append(offsets[-1] + m[0].numel())
-        # One nonzero per scale over (step, batch, N); chunks are contiguous per (step, instance).
-        per_scale = {}
-        for i in used:
-            nz = torch.stack([m[i] for m in step_maps]).flatten(2).nonzero()[:, 2]
-            per_scale[i] = torch.split(nz, [plan[s][i] for s in range(len(plan)) for _ in range(batch)])
+        # Per scale and step, the (batch, count) selected patch indices; the counts come from the plan.
+        per_scale = {i: [selected_columns(m[i].flatten(1), plan[s][i]) for s, m in enumerate(step_maps)]
+                     for i in used}
         groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         for s in range(len(plan)):
             for b in range(batch):
@@ -401,7 +399,7 @@ class PS3VisionEncoder(nn.Module):
             for i in used:
                 if signature[i] == 0:
                     continue
-                idx = torch.stack([per_scale[i][s * batch + b] for s, b in members])
+                idx = torch.stack([per_scale[i][s][b] for s, b in members])
                 patches, pos = banks[i]
                 tokens.append(self.trunk.patch_embed.embed_patches(patches[b_idx[:, None], idx]) + pos[idx])
                 flat.append(idx + offsets[i])
@@ -542,6 +540,12 @@ class PS3VisionEncoder(nn.Module):
     def _check_gt(self, gt, batch: int) -> None:
         if gt is not None and (gt.dim() != 3 or gt.shape[0] != batch):
             raise ValueError(f"gt_selection_maps must have shape (batch, h, w) with batch={batch}, got {tuple(gt.shape)}")
+
+
+def selected_columns(selected: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, N) 0/1 map with ``count`` ones per row -> (B, count) the columns of the ones, ascending: what
+    ``nonzero`` gives, without its host sync (a stable sort puts the ones first, in column order)."""
+    return torch.argsort((selected == 0).to(torch.uint8), dim=1, stable=True)[:, :count]
 
 
 def _hw(hw) -> tuple[int, int]:
