@@ -235,7 +235,7 @@ class StageConfig:
 
 
 # --- loading --------------------------------------------------------------------------------------
-def _build(cls, data: Any, where: str):
+def build_section(cls, data: Any, where: str):
     """Dataclass ``cls`` from a dict, refusing unknown keys (the error names the full key path)."""
     if data is None:
         return cls()
@@ -250,7 +250,7 @@ def _build(cls, data: Any, where: str):
         sub = _NESTED.get((cls, name))
         path = f"{where}.{name}" if where else name
         if sub is not None and (value is not None or name != "lora"):
-            kwargs[name] = _build(sub, value, path)
+            kwargs[name] = build_section(sub, value, path)
         elif name == "betas":
             kwargs[name] = tuple(float(v) for v in value)
         elif name == "trainable" and isinstance(value, dict):
@@ -307,7 +307,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
 
 def stage_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> StageConfig:
     data = apply_overrides(dict(data or {}), overrides)
-    config = _build(StageConfig, data, "")
+    config = build_section(StageConfig, data, "")
     config.validate()
     return config
 

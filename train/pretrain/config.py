@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from train.config import BatchConfig, CheckpointConfig, LoggingConfig, OptimConfig, _build, apply_overrides
+from train.config import BatchConfig, CheckpointConfig, LoggingConfig, OptimConfig, apply_overrides, build_section
 
 __all__ = [
     "PS3DataConfig",
@@ -164,13 +164,13 @@ def pretrain_config_from_dict(data: dict[str, Any], overrides: list[str] | None 
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if name in _SECTIONS:
-            kwargs[name] = _build(_SECTIONS[name], value, name)
+            kwargs[name] = build_section(_SECTIONS[name], value, name)
         elif name == "data":
             section = dict(value or {})
             synthetic = section.pop("synthetic", None)
-            built = _build(PS3DataConfig, section, "data")
+            built = build_section(PS3DataConfig, section, "data")
             if synthetic is not None:
-                built.synthetic = _build(SyntheticDataConfig, synthetic, "data.synthetic")
+                built.synthetic = build_section(SyntheticDataConfig, synthetic, "data.synthetic")
             built.crop_scale = tuple(float(v) for v in built.crop_scale)
             kwargs[name] = built
         else:
