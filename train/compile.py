@@ -59,15 +59,31 @@ def compile_blocks(model: nn.Module, settings: Any) -> list[str]:
 
     Call it after gradient checkpointing is set up and before the model first runs. ``settings.recompile_limit``
     (when set) raises torch's per-code-object recompile limit for the whole process."""
-    kwargs = compile_kwargs(settings)
+    stacks = {}
+    if settings.llm:
+        stacks["llm"] = llm_blocks(model)
+    if settings.vision:
+        stacks["vision"] = vision_blocks(model)
+    return compile_stacks(stacks, settings)
+
+
+def compile_pretraining_blocks(model: nn.Module, settings: Any) -> list[str]:
+    """The same for PS3 pre-training (:class:`~train.pretrain.model.PS3ForPretraining`): ``settings.vision``
+    compiles the PS3 trunk's blocks, ``settings.llm`` the text tower's."""
+    stacks = {}
+    if settings.llm:
+        stacks["text"] = model.text_model.transformer.resblocks
+    if settings.vision:
+        stacks["vision"] = model.vision_model.trunk.blocks
+    return compile_stacks(stacks, settings)
+
+
+def compile_stacks(stacks: dict[str, nn.ModuleList], settings: Any) -> list[str]:
+    """Compile every block of each named stack; one summary line per stack."""
     if getattr(settings, "recompile_limit", None) is not None:
         torch._dynamo.config.recompile_limit = settings.recompile_limit
-    out = []
-    if settings.llm:
-        out.append(f"llm: {_compile_all(llm_blocks(model), kwargs)}")
-    if settings.vision:
-        out.append(f"vision: {_compile_all(vision_blocks(model), kwargs)}")
-    return out
+    kwargs = compile_kwargs(settings)
+    return [f"{name}: {_compile_all(blocks, kwargs)}" for name, blocks in stacks.items()]
 
 
 def is_compiled(module: nn.Module) -> bool:

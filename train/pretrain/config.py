@@ -23,7 +23,15 @@ from typing import Any
 
 import yaml
 
-from train.config import BatchConfig, CheckpointConfig, LoggingConfig, OptimConfig, apply_overrides, build_section
+from train.config import (
+    BatchConfig,
+    CheckpointConfig,
+    CompileConfig,
+    LoggingConfig,
+    OptimConfig,
+    apply_overrides,
+    build_section,
+)
 
 __all__ = [
     "PS3DataConfig",
@@ -124,10 +132,13 @@ class PretrainConfig:
     deepspeed: str | dict[str, Any] = "zero2"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Regional torch.compile (off by default): `vision` = the PS3 trunk's blocks, `llm` = the text tower's.
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     def validate(self) -> None:
         self.init.validate()
         self.data.validate()
+        self.compile.validate()
         if not isinstance(self.lr, (int, float)) or self.lr <= 0:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.precision not in ("bf16", "fp32"):
@@ -151,6 +162,7 @@ _SECTIONS = {
     "batch": BatchConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "compile": CompileConfig,
 }
 
 

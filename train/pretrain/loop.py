@@ -115,6 +115,13 @@ def build_model(config: PretrainConfig) -> PS3ForPretraining:
     if m.train_only_selection:
         model.train_only_selection()
     model.set_gradient_checkpointing(m.gradient_checkpointing)
+    if config.compile.enabled:
+        from train.compile import compile_pretraining_blocks
+
+        compiled = compile_pretraining_blocks(model, config.compile)
+        if _rank() == 0:
+            print(f"torch.compile ({config.compile.backend}, mode={config.compile.mode}): {'; '.join(compiled)}",
+                  flush=True)
     return model
 
 
