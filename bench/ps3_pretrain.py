@@ -65,8 +65,10 @@ def build(name: str, device: torch.device, dtype: torch.dtype, grad_ckpt: bool, 
     model = model.to(dtype).train()
     model.set_gradient_checkpointing(grad_ckpt)
     if compile_blocks:
-        for block in model.vision_model.trunk.blocks:
-            block.compile()
+        from train.compile import compile_pretraining_blocks
+        from train.config import CompileConfig
+
+        compile_pretraining_blocks(model, CompileConfig(enabled=True))
     return model
 
 
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=10 if cuda else 2)
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
     parser.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations (more memory)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each trunk block")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each trunk and text tower block (as the recipe's compile section)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--profile", metavar="DIR", help="profile 2 extra steps; write kernels.txt, summary.json here")
