@@ -192,6 +192,38 @@ def test_conversation_places_images_and_undoes_failed_turns(tmp_path):
     assert conv.system == "Be brief."
 
 
+def test_later_turns_reuse_the_preprocessed_images(engine, monkeypatch):
+    """A conversation's images are resized once: later turns take them from the engine's cache (same answers as
+    without it), and the cache keeps only the most recent images."""
+    calls = []
+    preprocess = engine.processor.image_processor.preprocess
+
+    def counting(images, **kwargs):
+        calls.append(len(images))
+        return preprocess(images, **kwargs)
+
+    monkeypatch.setattr(engine.processor.image_processor, "preprocess", counting)
+    uncached = Engine(engine.model, engine.processor, engine.options, image_cache_size=0)
+    answers = []
+    for eng in (engine, uncached):
+        calls.clear()
+        conv = eng.conversation()
+        conv.add_image(rgb(4))
+        conv.add_user(QUESTION)
+        first = eng.generate(conv).text
+        conv.add_assistant(first)
+        conv.add_image(rgb(5))
+        conv.add_user("And the second picture?")
+        answers.append((first, eng.generate(conv).text, list(calls)))
+    assert answers[0][2] == [1, 1] and answers[1][2] == [1, 1, 1]  # the first image is resized once, or twice
+    assert answers[0][:2] == answers[1][:2]
+    small = Engine(engine.model, engine.processor, engine.options, image_cache_size=1)
+    small._pixel_values([rgb(1), rgb(2)])
+    assert len(small._pixel_cache) == 1
+    with pytest.raises(ValueError, match="image_cache_size"):
+        Engine(engine.model, engine.processor, image_cache_size=-1)
+
+
 def test_single_turn_with_placeholders(engine):
     conv = engine.single_turn([rgb(1), rgb(2)], "Compare <image> with <image>.")
     assert conv.messages[-1]["content"] == "Compare <image> with <image>." and len(conv.images) == 2

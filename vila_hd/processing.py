@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -219,6 +219,7 @@ class VilaHDProcessor:
         add_special_tokens: bool | None = None,
         padding_side: str | None = None,
         max_length: int | None = None,
+        preprocess: Callable[[list[Any]], torch.Tensor] | None = None,
         **_unused: Any,
     ) -> BatchFeature:
         """Tokenize prompts, expand ``<image>`` placeholders and preprocess images.
@@ -232,6 +233,9 @@ class VilaHDProcessor:
                 inputs (default: the model's); the same values are returned so ``generate(**inputs)`` uses
                 them.
             max_length: refuse (:class:`PromptTooLong`) a prompt longer than this after image expansion.
+            preprocess: turns the flat image list into (num_images, 3, S, S) pixel values (default
+                :meth:`preprocess_images`), e.g. one that keeps them so a chat does not resize the same image at
+                every turn.
 
         Lengths are checked before any image is loaded or resized: a prompt that cannot run costs no image work.
 
@@ -264,7 +268,7 @@ class VilaHDProcessor:
         input_ids, attention_mask, positions = self._pad(rows, positions, padding_side or self.padding_side)
         data = {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_positions": positions}
         if flat_images:
-            data["pixel_values"] = self._preprocess_images(flat_images)
+            data["pixel_values"] = (preprocess or self.preprocess_images)(flat_images)
             if tuple(data["pixel_values"].shape[-2:]) != image_hw:
                 raise RuntimeError(f"the image processor returned {tuple(data['pixel_values'].shape[-2:])} images, "
                                    f"not its image_size {image_hw}")
@@ -329,8 +333,9 @@ class VilaHDProcessor:
                 )
         return groups
 
-    def _preprocess_images(self, images: list[Any]) -> torch.Tensor:
-        # The PS3 image processor loads paths, bytes, arrays and PIL images safely (vila_hd.images).
+    def preprocess_images(self, images: list[Any]) -> torch.Tensor:
+        """(num_images, 3, S, S) model inputs; the PS3 image processor loads paths, bytes, arrays and PIL images
+        safely (:mod:`vila_hd.images`)."""
         return torch.as_tensor(self.image_processor.preprocess(images, return_tensors="pt")["pixel_values"])
 
     def _tokenize(self, text: str, add_special_tokens: bool | None) -> tuple[list[int], int]:
