@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import fresh_job_env
 
 from vila_hd import demo
 from vila_hd.visualize import heatmap_overlay, selection_figure, selection_overlay
@@ -106,7 +107,7 @@ def test_claims_pick_the_best_top_down_budget_within_a_quarter_of_the_tokens():
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     done = subprocess.run([sys.executable, "-m", "vila_hd.demo", "--out", str(out), "--quick"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=fresh_job_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, done.stdout
 

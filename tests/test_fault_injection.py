@@ -29,13 +29,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_helpers import make_dataset, stage_dict
+from train_helpers import fresh_job_env, make_dataset, stage_dict
 
 pytest.importorskip("deepspeed")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-LAUNCHER_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 WORLD = 2
 STEPS = 6  # the CI run; the full run trains 12 steps, so that more kills land before the end
 PAUSE = 0.15  # seconds each checkpoint event is held in killed runs: the kill lands inside the write
@@ -64,7 +63,7 @@ class Run:
             path = f"{events}.rank{rank}"
             if os.path.exists(path):
                 os.remove(path)
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+        env = fresh_job_env()
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD),
                    LOCAL_WORLD_SIZE=str(WORLD), PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -249,7 +248,7 @@ def test_sigkill_at_random_moments_then_resume(data, steps, reference, tmp_path,
 
 # --- a full disk --------------------------------------------------------------------------------------------
 def _single_process_env():
-    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    return fresh_job_env()
 
 
 def test_failing_checkpoint_writer_leaves_the_previous_checkpoint_usable(data, tmp_path, monkeypatch, reliability):

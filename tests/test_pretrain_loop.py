@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from train_helpers import one_thread  # noqa: F401 (fixture)
+from train_helpers import fresh_job_env, one_thread  # noqa: F401 (fixture)
 
 pytest.importorskip("deepspeed")
 
@@ -162,7 +162,6 @@ def test_selection_only_run_changes_only_selection_modules(tmp_path):
     assert not unchanged, unchanged  # every selection tensor learnt
 
 
-LAUNCHER_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 @pytest.mark.slow
@@ -184,7 +183,7 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
         raw = yaml.safe_load(f)
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(raw))
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env = fresh_job_env()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

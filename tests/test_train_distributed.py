@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_helpers import losses, make_dataset, one_thread, stage_dict  # noqa: F401
+from train_helpers import fresh_job_env, losses, make_dataset, one_thread, stage_dict  # noqa: F401
 
 pytest.importorskip("deepspeed")
 
@@ -20,13 +20,12 @@ from train.config import part_of, stage_from_dict  # noqa: E402
 from train.stage import run_stage  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def torchrun(config: dict, tmp_path, name: str) -> subprocess.CompletedProcess:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env = fresh_job_env()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "train.cli", "train", str(path)]

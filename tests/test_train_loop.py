@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import lm_losses, losses, make_dataset, one_thread, stage_dict  # noqa: F401
+from train_helpers import fresh_job_env, lm_losses, losses, make_dataset, one_thread, stage_dict  # noqa: F401
 
 pytest.importorskip("deepspeed")
 
@@ -96,8 +96,7 @@ run_stage(stage_from_dict(stage_dict({data!r}, {out!r})))
 def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(data, uninterrupted, tmp_path):
     out = str(tmp_path / "killed")
     script = KILL_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), data=data, out=out)
-    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher}  # a fresh one-process job
+    env = fresh_job_env()  # a fresh one-process job
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == -9, proc.stderr[-3000:]
     root = os.path.join(out, "checkpoints")

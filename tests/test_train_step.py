@@ -90,7 +90,7 @@ def test_collator_index_plan_spares_the_step_its_host_syncs(tiny, samples, packi
     step = VilaHDTrainStep(model, LOOK).eval()
     planned = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048, packing=packing,
                        image_token_id=processor.image_token_id, low_res_tokens=low_res_tokens(model))(samples)
-    unplanned = {k: v for k, v in planned.items() if k not in ("image_positions", "target_columns", "prefix")}
+    unplanned = {k: v for k, v in planned.items() if k not in ("image_positions", "target_positions", "prefix")}
     results = []
     for batch in (unplanned, planned):
         model.zero_grad()
@@ -158,6 +158,24 @@ def _counting(row_fn, calls):
         return row_fn(q, k, v, spans, *args)
 
     return wrapped
+
+
+def test_the_lm_head_runs_only_at_target_tokens(tiny, samples):
+    """Unpacked rows answer at different columns: the head reads each row's own targets, not every column where
+    some row has one (the losses match the model's own forward, see the first test)."""
+    model, processor = tiny
+    batch = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048, image_token_id=processor.image_token_id,
+                     low_res_tokens=low_res_tokens(model))(samples)
+    seen = []
+    hook = model.language_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            VilaHDTrainStep(model, LOOK).eval()(batch)
+    finally:
+        hook.remove()
+    targets = batch["target_ids"] != -100
+    assert seen == [int(targets.sum())] and seen[0] < targets.any(0).sum() * targets.shape[0]
 
 
 def test_a_text_only_batch_still_gives_every_vision_parameter_a_gradient(tiny, samples):

@@ -15,6 +15,16 @@ QA = [("What color is the car?", "The car is red."), ("How many people are in th
       ("What is written at the bottom?", "Numbers 0123456789."), ("Describe the image.", "A street with a tree.")]
 
 
+# What a launcher (and an in-process one-process run, see train.trainer.init_distributed) puts in the environment.
+LAUNCHER_ENV = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
+
+
+def fresh_job_env() -> dict[str, str]:
+    """This process's environment without the launcher variables: a subprocess starts a job of its own (an
+    inherited MASTER_PORT would still be held by this process's group)."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention (x50)."""

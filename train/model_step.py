@@ -42,6 +42,7 @@ class VilaHDTrainStep(nn.Module):
         if self.mode not in ("after_prompt", "after_image"):
             raise ValueError(f"look_close mode must be after_prompt or after_image, got {self.mode!r}")
         self.segments = use_segment_attention(model.language_model, llm_attention)
+        self.plain_head = plain_lm_head(model.language_model.config)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         m = self.model
@@ -73,11 +74,7 @@ class VilaHDTrainStep(nn.Module):
             high = torch.cat([e[n_low:] for e in feats.embeds[:placed]]).to(embeds.dtype)
             embeds = embeds.index_put((rows[:, n_low:].reshape(-1), cols[:, n_low:].reshape(-1)), high)
 
-        keep = _target_columns(batch, targets)
-        spans = {"segments": batch["segments"], "attention_mask": NO_MASKS} if self.segments else {}
-        out = m.language_model(inputs_embeds=embeds, position_ids=positions, logits_to_keep=keep, use_cache=False,
-                               **spans)
-        lm = lm_loss_sum(out.logits, targets[:, keep])
+        lm = self._lm_loss(embeds, positions, targets, batch)
 
         # Images placed nowhere (the dummy) still reach the loss, with weight 0 (see the module docstring).
         unused = sum((e.float().sum() for e in feats.embeds[placed:]), torch.zeros((), device=lm.device))
@@ -86,6 +83,22 @@ class VilaHDTrainStep(nn.Module):
         per_image = selection_loss(feats.selection_probs, boxes)
         selection = torch.where(has_box, per_image, torch.zeros_like(per_image)).sum()
         return {"lm": lm + 0.0 * unused, "selection": selection}
+
+    def _lm_loss(self, embeds, positions, targets, batch) -> torch.Tensor:
+        """Summed CE of the target tokens. The LM head runs at exactly the target positions (not at every column
+        where some row has one, which with unpacked rows multiplies the head's work and the fp32 logits by the
+        number of rows), except for LLMs whose head does more than a linear layer (``logits_to_keep`` path)."""
+        m = self.model
+        spans = {"segments": batch["segments"], "attention_mask": NO_MASKS} if self.segments else {}
+        if not self.plain_head:
+            keep = _target_positions(batch, targets)[1].unique()
+            out = m.language_model(inputs_embeds=embeds, position_ids=positions, logits_to_keep=keep,
+                                   use_cache=False, **spans)
+            return lm_loss_sum(out.logits, targets[:, keep])
+        out = m.language_model.base_model(inputs_embeds=embeds, position_ids=positions, use_cache=False, **spans)
+        rows, cols = _target_positions(batch, targets)
+        logits = m.language_model.get_output_embeddings()(out.last_hidden_state[rows, cols])
+        return lm_loss_sum(logits, targets[rows, cols])
 
     def _prompts(self, embeds, batch, rows, cols, n_low, num_images) -> torch.Tensor:
         """Top-down prompts (num_images, C): the LLM (no gradient) over each row's tokens without the high-res
@@ -128,13 +141,15 @@ def _prefix_plan(batch: dict[str, Any], rows: torch.Tensor, cols: torch.Tensor, 
     return PrefixPlan(**found).to(rows.device)
 
 
-def _target_columns(batch: dict[str, Any], targets: torch.Tensor) -> torch.Tensor:
-    """Columns where some row has a target (at least one, so the LM head always runs)."""
-    found = batch.get("target_columns")
+def _target_positions(batch: dict[str, Any], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of every target token, row-major; (0, 0) when there is none, so the LM head always runs."""
+    found = batch.get("target_positions")
     if found is not None:
-        return found
-    keep = (targets != IGNORE_INDEX).any(0).nonzero(as_tuple=True)[0]
-    return keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=targets.device)
+        return found[0], found[1]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        rows = cols = torch.zeros(1, dtype=torch.long, device=targets.device)
+    return rows, cols
 
 
 def use_segment_attention(llm: nn.Module, choice: str) -> bool:
@@ -154,3 +169,12 @@ def use_segment_attention(llm: nn.Module, choice: str) -> bool:
     register_segment_attention()
     llm.config._attn_implementation = SEGMENT_ATTENTION
     return True
+
+
+# Config fields of LLMs whose ForCausalLM forward does more than ``lm_head(hidden)`` (Gemma 2, Cohere, Granite).
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def plain_lm_head(config) -> bool:
+    """Whether the LLM's logits are ``lm_head(last_hidden_state)`` and nothing more."""
+    return all(getattr(config, name, None) in (None, 1.0) for name in _HEAD_EXTRAS)

@@ -60,10 +60,10 @@ class Collator:
     def _index_plan(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Data-dependent indices the training forward needs, found here on the CPU (in the loader workers) so
         the GPU step never waits for them: (2, N) row/column of every image token (row-major, as
-        ``nonzero`` orders them), the columns where some row carries a target (at least one column) and, given
+        ``nonzero`` orders them), the (2, N) row/column of every target token (at least one) and, given
         the low-res tokens per image, the top-down prefix pass's plan (:mod:`train.data.prefix`)."""
-        targets = (batch["target_ids"] != IGNORE_INDEX).any(0).nonzero()[:, 0]
-        plan = {"target_columns": targets if targets.numel() else torch.zeros(1, dtype=torch.long)}
+        targets = (batch["target_ids"] != IGNORE_INDEX).nonzero().T
+        plan = {"target_positions": targets.contiguous() if targets.numel() else torch.zeros(2, 1, dtype=torch.long)}
         if self.image_token_id is None:
             return plan
         plan["image_positions"] = found = (batch["input_ids"] == self.image_token_id).nonzero().T.contiguous()
