@@ -8,7 +8,7 @@ a few text-only ones, answers of varied length) so that padding has something to
 something to gain.
 
 MFU = model FLOPs / (step time x peak), model FLOPs as in :mod:`train.flops`: 6 x N x tokens for the LLM
-(N without the input embedding) + attention 12 x layers x width x sum(seq_len^2) (full-attention
+(N without the input embedding and the LM head) + 6 x N_head x target tokens (where the step runs the head) + attention 12 x layers x width x sum(seq_len^2) (full-attention
 convention of PaLM / torchtitan), the PS3 trunk 6 x N_v x patches + its attention, and the top-down prefix
 pass (forward only). Peak: 989 TFLOP/s (H100/H200 bf16 dense) unless --peak-tflops is given.
 
@@ -256,7 +256,8 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device}; model: {args.preset}; ZeRO-2, {'bf16' if torch.cuda.is_available() or args.bf16 else 'fp32'}; "
           f"compile: {_compile_label(args)}; LLM attention: {args.llm_attention}")
-    print("MFU = (6 N T + 12 L d sum s^2 for the LLM, 6 N_v P + attention for PS3, 2 N T' for the prefix pass) "
+    print("MFU = (6 N T + 6 N_head T_target + 12 L d sum s^2 for the LLM, 6 N_v P + attention for PS3, 2 N T' for "
+          "the prefix pass) "
           "/ (step time x peak)")
     header = ["packing", "rows_x_length", "tokens_per_step", "padding_fraction", "step_s_median", "tokens_per_s",
               "samples_per_s", "achieved_tflops", "mfu", "peak_memory_gib"]

@@ -192,6 +192,29 @@ def test_a_text_only_batch_still_gives_every_vision_parameter_a_gradient(tiny, s
     model.zero_grad()
 
 
+def test_flops_count_the_lm_head_at_target_tokens_only(tiny, samples):
+    """MFU's LLM term: body parameters over every token, the head (vocabulary x width, tied or not) over the
+    target tokens only, where the step runs it."""
+    from train.flops import FlopsModel
+
+    model, processor = tiny
+    layout = model.image_token_layout((448, 448), **LOOK)
+    flops = FlopsModel.from_model(model, layout)
+    text = model.config.text_config
+    assert flops.head_params == text.vocab_size * text.hidden_size
+    embed = model.get_input_embeddings().weight.numel()
+    tied = model.language_model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.language_model.parameters())
+    assert flops.llm_params == total - embed - (0 if tied else flops.head_params)
+    lengths = [100, 50]
+    with_head = flops.llm(lengths, 6.0, targets=7)
+    assert with_head - flops.llm(lengths, 6.0) == 6.0 * flops.head_params * 7
+    batch = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048)(samples)
+    no_prefix = flops.batch(batch, prefix=False)
+    assert no_prefix == flops.llm(batch["seq_lengths"], 6.0, batch["num_items"]["lm"]) + flops.vision(
+        batch["num_placed_images"])
+
+
 def test_box_maps_and_selection_loss():
     maps = box_maps(torch.tensor([[0.0, 0.0, 0.5, 0.25], [float("nan")] * 4]), (4, 4))
     expected = torch.zeros(4, 4)
