@@ -65,8 +65,13 @@ class EnginePredictor:
     def continuation_losses(self, images: list[Any], prompt: str, continuations: Sequence[str],
                             options: Mapping[str, Any]) -> list[tuple[float, int, bool]]:
         """For each continuation as the assistant's reply to ``prompt``: ``(summed negative log-likelihood,
-        number of tokens, whether greedy decoding would produce exactly these tokens)``."""
+        number of tokens, whether greedy decoding would produce exactly these tokens)``.
+
+        The images and the prompt run once (vision tower, selection, prefill); each continuation then runs from
+        the prompt's KV cache, which is cut back to the prompt afterwards."""
         import torch
+
+        from vila_hd.model.modeling import crop_cache
 
         engine = self.engine
         processor, model = engine.processor, engine.model
@@ -75,27 +80,38 @@ class EnginePredictor:
         messages = conversation.chat_messages()
         prefix_text = processor.apply_chat_template(messages, add_generation_prompt=True)
         budget = dict(num_look_close=settings.num_look_close, num_token_look_close=settings.num_token_look_close)
-        prefix = processor(text=[prefix_text], images=conversation.images or None, **budget)
+        prefix = processor(text=[prefix_text], images=conversation.images or None, **budget).to(engine.input_device)
         n_prefix = prefix["input_ids"].shape[1]
         self.last_image_tokens = int((prefix["input_ids"] == processor.image_token_id).sum())
+        with torch.inference_mode():
+            out = model(**prefix, look_close_mode=settings.look_close_mode, use_cache=True, logits_to_keep=1)
+        cache = out.get("cache", out.get("past_key_values"))
+        first = out.logits[0, -1:].float()  # predicts the first continuation token
         results = []
         for continuation in continuations:
-            full_text = processor.apply_chat_template(messages + [{"role": "assistant", "content": continuation}],
-                                                      add_generation_prompt=False)
-            if not full_text.startswith(prefix_text):
-                raise ValueError("the chat template renders the answer turn differently from the generation prompt; "
-                                 "likelihood scoring needs the prompt to be a prefix of the answered chat")
-            inputs = processor(text=[full_text], images=conversation.images or None, **budget)
-            ids = inputs["input_ids"]
-            if ids.shape[1] <= n_prefix or not torch.equal(ids[0, :n_prefix], prefix["input_ids"][0]):
-                raise ValueError(f"the continuation {continuation!r} does not tokenise as an extension of the prompt")
-            inputs["prompt_positions"] = prefix["prompt_positions"]
-            inputs = inputs.to(engine.input_device)
+            targets = self._continuation_ids(messages, prefix_text, continuation).to(engine.input_device)
             with torch.inference_mode():
-                out = model(**inputs, look_close_mode=settings.look_close_mode, use_cache=False)
-            logits = out.logits[0, n_prefix - 1:-1].float()
-            targets = inputs["input_ids"][0, n_prefix:]
+                step = model(input_ids=targets[None], cache=cache, use_cache=True)
+            crop_cache(cache, n_prefix)
+            logits = torch.cat([first, step.logits[0, :-1].float()])
             total = float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             greedy = bool((logits.argmax(-1) == targets).all())
             results.append((total, int(targets.numel()), greedy))
         return results
+
+    def _continuation_ids(self, messages: list[dict], prefix_text: str, continuation: str):
+        """Token ids the answered chat adds after the generation prompt (the answer and its end of turn)."""
+        import torch
+
+        processor = self.engine.processor
+        full_text = processor.apply_chat_template(messages + [{"role": "assistant", "content": continuation}],
+                                                  add_generation_prompt=False)
+        if not full_text.startswith(prefix_text):
+            raise ValueError("the chat template renders the answer turn differently from the generation prompt; "
+                             "likelihood scoring needs the prompt to be a prefix of the answered chat")
+        tokenize = processor.tokenizer
+        head = tokenize(prefix_text, add_special_tokens=False).input_ids
+        ids = tokenize(full_text, add_special_tokens=False).input_ids
+        if len(ids) <= len(head) or ids[: len(head)] != head:
+            raise ValueError(f"the continuation {continuation!r} does not tokenise as an extension of the prompt")
+        return torch.tensor(ids[len(head):], dtype=torch.long)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -247,3 +248,38 @@ def test_engine_predictor_on_synthetic_samples(tmp_path, tiny_predictor):
     for record in records:
         losses = record["stats"]["option_losses"]
         assert record["prediction"] == min(losses, key=losses.get) and len(losses) == 4
+
+
+def test_continuation_losses_equal_a_full_forward_per_continuation(tiny_predictor, monkeypatch):
+    """Scoring from the prompt's KV cache gives each continuation's loss as one full forward of prompt + answer
+    would, while the vision tower runs once for all of them."""
+    import torch
+    import torch.nn.functional as F
+
+    from vila_hd.engine import Engine
+
+    engine = tiny_predictor.engine
+    processor, model = engine.processor, engine.model
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    options = ["a red car", "two people", "the sign says stop"]
+    encodes = []
+    low_res = model.encode_low_res
+    monkeypatch.setattr(model, "encode_low_res", lambda pixels: encodes.append(1) or low_res(pixels))
+    got = tiny_predictor.continuation_losses([image], "What is in the picture?", options, {"steps": 2})
+    assert len(encodes) == 1
+    monkeypatch.undo()
+    conv = Engine.single_turn(engine, [image], "What is in the picture?")
+    prefix_text = processor.apply_chat_template(conv.chat_messages(), add_generation_prompt=True)
+    prefix = processor(text=[prefix_text], images=conv.images, num_look_close=2)
+    n = prefix["input_ids"].shape[1]
+    for option, (total, count, greedy) in zip(options, got):
+        full = processor.apply_chat_template(conv.chat_messages() + [{"role": "assistant", "content": option}],
+                                             add_generation_prompt=False)
+        inputs = processor(text=[full], images=conv.images, num_look_close=2)
+        inputs["prompt_positions"] = prefix["prompt_positions"]
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, n - 1:-1].float()
+        targets = inputs["input_ids"][0, n:]
+        assert count == targets.numel()
+        assert total == pytest.approx(float(F.cross_entropy(logits, targets, reduction="sum")), rel=1e-4, abs=1e-4)
+        assert greedy == bool((logits.argmax(-1) == targets).all())

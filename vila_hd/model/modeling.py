@@ -569,7 +569,7 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         if shared == 0:
             return prompts, None
         cache = _cache_of(out) or cache
-        _crop(cache, shared)
+        crop_cache(cache, shared)
         return prompts, {"shared": shared, "cache": cache, "hidden": hidden[:, :shared]}
 
     def _prefix_reuse_pays(self, shared: int, length: int) -> bool:
@@ -828,7 +828,7 @@ def _new_cache(text_config):
         return DynamicCache()
 
 
-def _crop(cache, length: int) -> None:
+def crop_cache(cache, length: int) -> None:
     """Keep the first ``length`` positions (a negative argument removes that many, in every version)."""
     extra = cache.get_seq_length() - length
     if extra > 0:
