@@ -89,15 +89,23 @@ def build_model_class(base: type | None = None) -> type:
             return replies
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            results = []
-            for request in requests:
+            """Requests on the same document and context (a multiple-choice question's options) are scored
+            together: the images and the context run once, each option from their KV cache."""
+            groups: dict[tuple, list[tuple[int, str]]] = {}
+            first: dict[tuple, tuple] = {}
+            for i, request in enumerate(requests):
                 context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
                 continuation = (doc_to_target if isinstance(doc_to_target, str)
                                 else doc_to_target(self.task_dict[task][split][doc_id]))
-                images = self._doc_images(doc_to_visual, doc_id, task, split)
-                (total, _, greedy), = self.predictor.continuation_losses(images, _as_text(context), [continuation],
-                                                                        self.defaults)
-                results.append((-total, greedy))
+                key = (task, split, doc_id, _as_text(context))
+                groups.setdefault(key, []).append((i, continuation))
+                first.setdefault(key, (doc_to_visual, doc_id, task, split))
+            results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+            for key, members in groups.items():
+                images = self._doc_images(*first[key])
+                scored = self.predictor.continuation_losses(images, key[3], [c for _, c in members], self.defaults)
+                for (i, _), (total, _, greedy) in zip(members, scored):
+                    results[i] = (-total, greedy)
             return results
 
         def generate_until_multi_round(self, requests) -> list[str]:

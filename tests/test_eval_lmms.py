@@ -113,6 +113,15 @@ def test_generate_until_and_loglikelihood(stub_lmms_eval):
     assert options == {"max_new_tokens": 5, "steps": 4, "mode": "top-down", "temperature": 0}
     results = model.loglikelihood([Request(("Which colour?", lambda doc: " red", to_visual, 7, "vstar", "test"))])
     assert results == [(-2.5, True)] and predictor.calls[-1][2] == [" red"]
+    # a question's options are scored in one call (the image and context run once), in request order
+    model.task_dict["vstar"]["test"][8] = {"image": image}
+    predictor.continuation_losses = lambda images, prompt, conts, options: (
+        predictor.calls.append((images, prompt, list(conts))) or [(float(len(c)), len(c), False) for c in conts])
+    before = len(predictor.calls)
+    options = [(" red", 7), (" blue", 8), (" green", 7), (" teal", 7)]
+    results = model.loglikelihood([Request(("Which colour?", c, to_visual, d, "vstar", "test")) for c, d in options])
+    assert results == [(-4.0, False), (-5.0, False), (-6.0, False), (-5.0, False)]
+    assert [call[2] for call in predictor.calls[before:]] == [[" red", " green", " teal"], [" blue"]]
     with pytest.raises(NotImplementedError):
         model.generate_until_multi_round([])
 
