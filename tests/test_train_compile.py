@@ -8,17 +8,13 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from train_helpers import losses, make_dataset, one_thread, stage_dict  # noqa: F401
+from train_helpers import losses, make_dataset, one_thread, stage_dict, step_samples  # noqa: F401
 
-from llava_compat import datasets as ds
 from train.compile import compile_blocks, is_compiled, llm_blocks, vision_blocks
 from train.config import CompileConfig, load_stage, stage_from_dict
 from train.data.collate import Collator
-from train.data.dataset import SampleEncoder
 from train.model_step import VilaHDTrainStep
 from train.stage import enable_gradient_checkpointing
 from vila_hd.model.tiny import build_tiny_model
@@ -38,18 +34,7 @@ def _fresh_dynamo(one_thread):  # noqa: F811
 
 
 def _samples(processor, folder):
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        paths.append(str(folder / f"{i}.png"))
-        Image.fromarray(rng.integers(0, 255, (50 + 20 * i, 80, 3), dtype=np.uint8)).save(paths[-1])
-    qa = [{"role": "user", "content": "<image>\nWhat color is the car?"}, {"role": "assistant", "content": "Red."}]
-    raw = [ds.RawSample("a", qa, paths[:1], [[5, 5, 40, 30]]),
-           ds.RawSample("b", [{"role": "user", "content": "Read."}, {"role": "assistant", "content": "Stop."}]),
-           ds.RawSample("c", [{"role": "user", "content": "<image>\n<image>\nCompare."},
-                              {"role": "assistant", "content": "The second."}], paths[1:], [None, [0, 0, 60, 60]])]
-    enc = SampleEncoder(processor, 2048, LOOK)
-    return [enc.encode(s, i) for i, s in enumerate(raw)]
+    return step_samples(processor, folder, LOOK)
 
 
 def _loss_and_grads(step, model, batch):

@@ -5,15 +5,12 @@ from __future__ import annotations
 import glob
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from train_helpers import step_samples
 
-from llava_compat import datasets as ds
 from train.config import CONFIG_ROOT, PARTS, load_stage, part_of, stage_from_dict
 from train.data.collate import Collator
-from train.data.dataset import SampleEncoder
 from train.losses import box_maps, dice_loss, lm_loss_sum, normalized_total, selection_loss
 from train.model_step import VilaHDTrainStep
 from train.schedule import WarmupCosine
@@ -30,20 +27,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def samples(tiny, tmp_path_factory):
-    _, processor = tiny
-    folder = tmp_path_factory.mktemp("img")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        paths.append(str(folder / f"{i}.png"))
-        Image.fromarray(rng.integers(0, 255, (50 + 20 * i, 80, 3), dtype=np.uint8)).save(paths[-1])
-    qa = [{"role": "user", "content": "<image>\nWhat color is the car?"}, {"role": "assistant", "content": "Red."}]
-    raw = [ds.RawSample("a", qa, paths[:1], [[5, 5, 40, 30]]),
-           ds.RawSample("b", [{"role": "user", "content": "Read the sign."}, {"role": "assistant", "content": "Stop."}]),
-           ds.RawSample("c", [{"role": "user", "content": "<image>\n<image>\nCompare."},
-                              {"role": "assistant", "content": "The second is larger."}], paths[1:], [None, [0, 0, 60, 60]])]
-    enc = SampleEncoder(processor, 2048, LOOK)
-    return [enc.encode(s, i) for i, s in enumerate(raw)]
+    return step_samples(tiny[1], tmp_path_factory.mktemp("img"), LOOK)
 
 
 def test_training_forward_matches_the_model_forward(tiny, samples):

@@ -103,3 +103,22 @@ def lm_losses(output_dir: str) -> dict[int, float]:
             rec = json.loads(line)
             out[rec["step"]] = rec["loss/lm"]
     return out
+
+
+def step_samples(processor, folder, look_close: dict) -> list:
+    """Three encoded samples for the training forward: one image with a box, text only, two images (one boxed)."""
+    from llava_compat import datasets as ds
+    from train.data.dataset import SampleEncoder
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (50 + 20 * i, 80, 3), dtype=np.uint8)).save(paths[-1])
+    qa = [{"role": "user", "content": "<image>\nWhat color is the car?"}, {"role": "assistant", "content": "Red."}]
+    raw = [ds.RawSample("a", qa, paths[:1], [[5, 5, 40, 30]]),
+           ds.RawSample("b", [{"role": "user", "content": "Read the sign."}, {"role": "assistant", "content": "Stop."}]),
+           ds.RawSample("c", [{"role": "user", "content": "<image>\n<image>\nCompare."},
+                              {"role": "assistant", "content": "The second is larger."}], paths[1:], [None, [0, 0, 60, 60]])]
+    enc = SampleEncoder(processor, 2048, look_close)
+    return [enc.encode(s, i) for i, s in enumerate(raw)]
