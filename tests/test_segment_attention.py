@@ -40,6 +40,22 @@ def test_matches_a_block_diagonal_causal_mask_with_gqa_and_gaps():
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
+def test_one_sample_per_row_is_one_causal_call_exact_on_the_samples(monkeypatch):
+    torch.manual_seed(2)
+    q = torch.randn(3, 4, 9, 8)
+    k, v = torch.randn(3, 2, 9, 8), torch.randn(3, 2, 9, 8)
+    segments = (((0, 9),), ((0, 5),), ())  # full row, sample + padding tail, all padding
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    ours, _ = segment_attention(nn.Module(), q, k, v, None, segments=segment_table(segments))
+    monkeypatch.undo()
+    ref = dense_reference(q, k, v, segments)
+    assert len(calls) == 1
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1, :5], ref[1, :5], rtol=1e-5, atol=1e-6)
+
+
 def test_without_segments_it_is_sdpa():
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 2, 7, 4) for _ in range(3))

@@ -7,8 +7,9 @@ host sync to find the segments), takes L^2 memory per row, and keeps attention o
 :data:`SEGMENT_ATTENTION` is an attention implementation for Hugging Face decoders (registered with
 ``AttentionInterface``): given ``segments`` -- the ``(row, start, end)`` spans of the samples, a CPU table from the
 collator (:func:`segment_table`) -- it runs one causal SDPA call per span (``enable_gqa``, no mask: the fused kernels),
-so a row of four samples costs four causal triangles instead of a full square, and padding costs nothing
-(its output is zero; it carries no loss). Without ``segments`` it *is* SDPA (same masks, same kernel), so the
+so a row of four samples costs four causal triangles instead of a full square, and padding between or after
+packed samples costs nothing (its output is zero; it carries no loss). A batch of one sample per row (unpacked)
+is one causal call over the whole rows: the padding comes after each sample, so the samples' tokens are exact. Without ``segments`` it *is* SDPA (same masks, same kernel), so the
 same model serves calls that do not pass them (e.g. the top-down prefix pass).
 
 Passing :data:`NO_MASKS` as ``attention_mask`` with ``segments`` tells the decoder that masks are prepared (none
@@ -68,19 +69,29 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    per_row = _per_row(segments, query.shape[0])
+    per_row = _per_row(segments, query.shape[0], query.shape[2])
     gqa = key.shape[1] != query.shape[1]
+    if all(len(spans) <= 1 and all(start == 0 for start, _ in spans) for spans in per_row):
+        # One sample per row, then padding: causal attention over whole rows is exact for every token of the
+        # samples (the padding comes after them), in one call; the padding rows' outputs are not zeroed.
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
     rows = [_row(query[b], key[b], value[b], spans, dropout, scaling, gqa) for b, spans in enumerate(per_row)]
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
-def _per_row(table: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
+def _per_row(table: torch.Tensor, batch: int, length: int) -> list[list[tuple[int, int]]]:
     if table.dim() != 2 or table.shape[1] != 3:
         raise ValueError(f"segments must be an (N, 3) table of (row, start, end), got shape {tuple(table.shape)}")
     per_row: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
     for row, start, end in table.tolist():
         if not 0 <= row < batch:
             raise ValueError(f"segment ({row}, {start}, {end}) names row {row} of a batch of {batch}")
+        at = per_row[row][-1][1] if per_row[row] else 0
+        if not at <= start < end <= length:
+            raise ValueError(f"segment ({start}, {end}) of row {row} is empty, overlaps the previous one or leaves "
+                             f"the row of {length} tokens")
         per_row[row].append((start, end))
     return per_row
 
@@ -91,9 +102,6 @@ def _row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Sequence[tupl
     length = q.shape[1]
     pieces, at = [], 0
     for start, end in spans:
-        if not at <= start < end <= length:
-            raise ValueError(f"segment ({start}, {end}) is empty, overlaps the previous one or leaves the row "
-                             f"of {length} tokens")
         if start > at:
             pieces.append(q.new_zeros(q.shape[0], start - at, v.shape[-1]))
         s = slice(start, end)
