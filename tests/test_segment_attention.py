@@ -79,3 +79,19 @@ def test_a_table_naming_a_missing_row_or_of_the_wrong_shape_is_refused():
         segment_attention(nn.Module(), q, q, q, None, segments=torch.tensor([[1, 0, 4]]))
     with pytest.raises(ValueError, match=r"\(N, 3\) table"):
         segment_attention(nn.Module(), q, q, q, None, segments=torch.tensor([0, 0, 4]))
+
+
+def test_the_training_switch_is_not_saved_with_the_model(tmp_path):
+    """Segment attention is a training-time choice: a model saved after it loads with its own implementation."""
+    from train.model_step import VilaHDTrainStep
+    from vila_hd.model import VilaHDForConditionalGeneration
+    from vila_hd.model.attention import SEGMENT_ATTENTION
+    from vila_hd.model.tiny import build_tiny_model
+
+    model, _ = build_tiny_model("tiny")
+    VilaHDTrainStep(model, {"num_look_close": 2})
+    assert model.language_model.config._attn_implementation == SEGMENT_ATTENTION
+    model.save_pretrained(tmp_path)
+    assert SEGMENT_ATTENTION not in (tmp_path / "config.json").read_text()
+    loaded = VilaHDForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.language_model.config._attn_implementation == "sdpa"

@@ -142,6 +142,15 @@ def _counting(fn, calls):
     return wrapped
 
 
+def test_a_prefix_plan_for_another_layout_is_refused(tiny, samples):
+    model, processor = tiny
+    n_low = low_res_tokens(model)
+    batch = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048, image_token_id=processor.image_token_id,
+                     low_res_tokens=n_low + 4)(samples)
+    with pytest.raises(ValueError, match=f"prefix pass for {n_low + 4} low-res tokens .* layout has {n_low}"):
+        VilaHDTrainStep(model, LOOK).eval()(batch)
+
+
 def test_the_lm_head_runs_only_at_target_tokens(tiny, samples):
     """Unpacked rows answer at different columns: the head reads each row's own targets, not every column where
     some row has one (the losses match the model's own forward, see the first test)."""
