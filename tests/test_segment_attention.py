@@ -95,3 +95,25 @@ def test_the_training_switch_is_not_saved_with_the_model(tmp_path):
     assert SEGMENT_ATTENTION not in (tmp_path / "config.json").read_text()
     loaded = VilaHDForConditionalGeneration.from_pretrained(tmp_path)
     assert loaded.language_model.config._attn_implementation == "sdpa"
+
+
+def test_auto_keeps_llms_whose_attention_is_not_plain_causal():
+    """A sliding window (Mistral) or soft-capping (Gemma 2) is not what segment attention computes: auto keeps
+    the model's own path, an explicit request is refused, and the kernel refuses such calls."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from train.model_step import use_segment_attention
+    from vila_hd.model.attention import supports_segments
+
+    assert supports_segments(Qwen2Config()) and supports_segments(LlamaConfig())
+    assert not supports_segments(MistralConfig())
+    assert not supports_segments(SimpleNamespace(attn_logit_softcapping=50.0))
+    mistral = SimpleNamespace(config=MistralConfig(attn_implementation="sdpa"))
+    assert not use_segment_attention(mistral, "auto") and mistral.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="plain causal attention"):
+        use_segment_attention(mistral, "segments")
+    q = torch.randn(1, 2, 6, 4)
+    with pytest.raises(ValueError, match="llm_attention: model"):
+        segment_attention(nn.Module(), q, q, q, None, segments=segment_table((((0, 6),),)), sliding_window=4)

@@ -162,9 +162,10 @@ def use_segment_attention(llm: nn.Module, choice: str) -> bool:
     wanted = choice == "segments" or (choice == "auto" and current in ("sdpa", SEGMENT_ATTENTION))
     if not wanted:
         return False
-    if not supports_segments():
+    if not supports_segments(llm.config):
         if choice == "segments":
-            raise ValueError("llm_attention='segments' needs transformers >= 5 (masks prepared per layer type)")
+            raise ValueError("llm_attention='segments' needs transformers >= 5 (masks prepared per layer type) and "
+                             "an LLM with plain causal attention (no sliding window, no soft-capping)")
         return False
     register_segment_attention()
     llm.config._attn_implementation = SEGMENT_ATTENTION

@@ -40,11 +40,18 @@ class _NoMasks(dict):
 NO_MASKS = _NoMasks()
 
 
-def supports_segments() -> bool:
-    """transformers >= 5: decoders accept masks prepared as a dict (so :data:`NO_MASKS` skips building them)."""
+def supports_segments(config=None) -> bool:
+    """transformers >= 5 (decoders accept masks prepared as a dict, so :data:`NO_MASKS` skips building them) and,
+    given the LLM's config, plain causal attention in every layer (no sliding window, no logit soft-capping)."""
     import transformers
 
-    return int(transformers.__version__.split(".")[0]) >= 5
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return False
+    if config is None:
+        return True
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ()) or (
+        getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True))
+    return not sliding and getattr(config, "attn_logit_softcapping", None) is None
 
 
 def segment_table(segments: Segments) -> torch.Tensor:
@@ -69,6 +76,9 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise ValueError("segment attention has no sliding window or logit soft-capping; train this LLM with "
+                         "llm_attention: model")
     per_row = _per_row(segments, query.shape[0], query.shape[2])
     gqa = key.shape[1] != query.shape[1]
     if all(len(spans) <= 1 and all(start == 0 for start, _ in spans) for spans in per_row):
