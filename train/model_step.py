@@ -4,11 +4,15 @@
 public pieces: ``encode_low_res``, ``project_low_res``, the prompt head, ``get_image_features``, the LLM),
 arranged for training:
 
-- rows may be *packed* (several samples, position ids restarting at each sample, no attention mask: the
-  LLM builds a block-diagonal causal mask), so each image has its own prompt position and the top-down
-  prefix pass runs once over all rows, with high-res tokens removed and each row cut after its last prompt;
+- rows may be *packed* (several samples, position ids restarting at each sample), so each image has its own
+  prompt position and the top-down prefix pass runs once over all rows, with high-res tokens removed and each
+  row cut after its last prompt (:mod:`train.data.prefix`);
+- samples do not attend to each other: segment attention (one causal call per sample span, see
+  :mod:`vila_hd.model.attention`), or with ``llm_attention="model"`` the LLM's own block-diagonal mask;
+- the data-dependent indices (image tokens, targets, spans, prefix plan) come from the collator, found on the
+  CPU, so the step's own code never waits for the GPU (it finds them itself when a batch lacks them);
 - the selection probabilities are returned un-forced (no ground-truth forcing), for the box loss;
-- the LM head runs only at positions that carry a target (``logits_to_keep``), and the loss is a sum;
+- the LM head runs only at the target tokens, and the loss is a sum;
 - ZeRO-3 lockstep: every call runs the vision tower, the prefix pass, the prompt head and the LLM once,
   whatever the data (a batch without images carries one dummy image, placed nowhere, whose embeddings
   enter the loss with weight 0 so every trainable parameter receives a gradient on every rank).
