@@ -50,6 +50,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
     run.add_argument("--sweep", metavar="KEY=V1,V2,...",
                      help="run at several selection budgets, e.g. steps=1,2,4,6 or tokens=2000,4000; writes "
                           "sweep.json / sweep.md / sweep.png")
+    run.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
+                     help="samples answered per generate call (generate mode; a failing batch is redone sample by "
+                          "sample) (default: %(default)s)")
     run.add_argument("--retry-errors", action="store_true", help="redo samples that failed in an earlier run")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     model = parser.add_argument_group("model (or --replies)")
@@ -91,7 +94,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         if predictor is None and replies is None:
             return 1
         common = dict(predictor=predictor, replies=replies, limit=args.limit, mc_mode=args.mc_mode,
-                      retry_errors=args.retry_errors, run_info=run_info, progress=not args.no_progress)
+                      retry_errors=args.retry_errors, run_info=run_info, progress=not args.no_progress,
+                      batch_size=args.batch_size)
         generation = generation_dict(args)
         if budgets:
             result = run_sweep(benchmark, args.output, budgets, generation=generation, **common)

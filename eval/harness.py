@@ -31,7 +31,7 @@ from typing import Any
 
 from eval.benchmarks.base import Benchmark, Sample
 from eval.metrics import accuracy_by, mean, percentile, resolution_bucket
-from eval.predictor import LikelihoodPredictor, Prediction, Predictor
+from eval.predictor import BatchPredictor, LikelihoodPredictor, Prediction, Predictor
 
 MC_MODES = ("generate", "likelihood")
 # Failures of one sample that should not stop a run (a broken image, a prompt too long for the context, an
@@ -65,6 +65,7 @@ def run_benchmark(
     world_size: int | None = None,
     run_info: Mapping[str, Any] | None = None,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> dict[str, Any] | None:
     """Evaluate ``benchmark`` into ``output_dir`` (see the module docstring) and return the summary, or
     ``None`` when another process of a sharded run will write it.
@@ -78,6 +79,9 @@ def run_benchmark(
             predictor must implement ``score_continuations``).
         rank / world_size: this process's shard (default: :func:`distributed_rank_world`).
         run_info: extra settings identifying the run (e.g. the model), stored in ``run.json``.
+        batch_size: samples answered per ``predict_batch`` call in generate mode (the predictor must have it;
+            a failing batch is redone one sample at a time, so one bad sample fails alone; a batched
+            sample's ``latency_s`` is the batch's time over its size). Records are written batch by batch.
     """
     if (predictor is None) == (replies is None):
         raise ValueError("give exactly one of predictor (a model) or replies (saved answers by sample id)")
@@ -87,6 +91,10 @@ def run_benchmark(
         raise ValueError("mc_mode 'likelihood' needs a predictor with score_continuations (replies cannot rank options)")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if batch_size > 1 and predictor is not None and not isinstance(predictor, BatchPredictor):
+        raise ValueError("batch_size > 1 needs a predictor with predict_batch")
     if rank is None or world_size is None:
         rank, world_size = distributed_rank_world()
     if not 0 <= rank < world_size:
@@ -109,13 +117,19 @@ def run_benchmark(
 
     bar = _progress(len(todo), f"{benchmark.name} [rank {rank}/{world_size}]" if world_size > 1 else benchmark.name,
                     enabled=progress)
+    step = batch_size if predictor is not None and mc_mode == "generate" else 1
     with open(own_part, "a", encoding="utf-8") as f:
-        for sample in todo:
-            record = evaluate_sample(benchmark, sample, predictor=predictor, replies=replies,
-                                     generation=generation or {}, mc_mode=mc_mode)
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
+            if len(chunk) > 1:
+                records = evaluate_batch(benchmark, chunk, predictor=predictor, generation=generation or {})
+            else:
+                records = [evaluate_sample(benchmark, chunk[0], predictor=predictor, replies=replies,
+                                           generation=generation or {}, mc_mode=mc_mode)]
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
-            bar.update(1)
+            bar.update(len(chunk))
     bar.close()
     marker.write_text(json.dumps({"world_size": world_size, "samples": len(samples)}))
     if not all_ranks_done(parts, world_size):
@@ -123,18 +137,71 @@ def run_benchmark(
     return write_summary(benchmark, out, samples, settings)
 
 
+def evaluate_batch(benchmark: Benchmark, samples: Sequence[Sample], *, predictor: BatchPredictor,
+                   generation: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Run and score samples with one ``predict_batch`` call (generate mode). A sample whose images fail to load
+    fails alone; if the batch itself fails, every sample is redone alone, so the error lands on its culprit."""
+    records, ready = [], []
+    for sample in samples:
+        record = _new_record(sample)
+        try:
+            ready.append((record, sample, _load_images(record, sample, load=True)))
+        except SAMPLE_ERRORS as err:
+            _failed(record, sample, err)
+        records.append(record)
+    if not ready:
+        return records
+    try:
+        start = time.perf_counter()
+        predictions = predictor.predict_batch([(images, sample.prompt) for _, sample, images in ready], generation)
+        spent = (time.perf_counter() - start) / len(ready)
+    except SAMPLE_ERRORS:
+        return [evaluate_sample(benchmark, sample, predictor=predictor, replies=None, generation=generation,
+                                mc_mode="generate") for sample in samples]
+    for (record, sample, _), prediction in zip(ready, predictions):
+        if prediction.latency_s is None:
+            prediction.latency_s = spent
+        _scored(benchmark, record, sample, prediction)
+    return records
+
+
+def _new_record(sample: Sample) -> dict[str, Any]:
+    return {"id": sample.id, "question": sample.question, "options": sample.options, "answer": sample.answer,
+            "category": sample.category, "bucket": sample.bucket}
+
+
+def _load_images(record: dict[str, Any], sample: Sample, load: bool) -> list[Any]:
+    """The sample's images (decoded when ``load``); notes the first one's size and resolution bucket."""
+    images, sizes = _images(sample, load=load)
+    record["image_size"] = sizes[0] if sizes else None
+    if record["bucket"] is None and sizes:
+        record["bucket"] = resolution_bucket(*sizes[0])
+    return images
+
+
+def _failed(record: dict[str, Any], sample: Sample, err: Exception) -> dict[str, Any]:
+    record.update(prediction=None, parsed=None, correct=False, score=0.0, error=f"{type(err).__name__}: {err}")
+    record.update(meta=sample.meta, time=time.time())
+    return record
+
+
+def _scored(benchmark: Benchmark, record: dict[str, Any], sample: Sample, prediction: Prediction) -> dict[str, Any]:
+    record.update(prediction=prediction.text, image_tokens=prediction.image_tokens,
+                  selected_pct=prediction.selected_pct,
+                  latency_s=None if prediction.latency_s is None else round(prediction.latency_s, 4))
+    if prediction.extra:
+        record["stats"] = prediction.extra
+    record.update(benchmark.score(sample, prediction.text))
+    record.update(meta=sample.meta, time=time.time())
+    return record
+
+
 def evaluate_sample(benchmark: Benchmark, sample: Sample, *, predictor: Predictor | None,
                     replies: Mapping[str, str] | None, generation: Mapping[str, Any], mc_mode: str) -> dict[str, Any]:
     """Run and score one sample; a failure becomes a record with ``error`` (score 0)."""
-    record: dict[str, Any] = {
-        "id": sample.id, "question": sample.question, "options": sample.options, "answer": sample.answer,
-        "category": sample.category, "bucket": sample.bucket,
-    }
+    record = _new_record(sample)
     try:
-        images, sizes = _images(sample, load=predictor is not None)
-        record["image_size"] = sizes[0] if sizes else None
-        if record["bucket"] is None and sizes:
-            record["bucket"] = resolution_bucket(*sizes[0])
+        images = _load_images(record, sample, load=predictor is not None)
         if replies is not None:
             if sample.id not in replies:
                 raise KeyError(f"no saved reply for sample {sample.id!r}")
@@ -147,17 +214,8 @@ def evaluate_sample(benchmark: Benchmark, sample: Sample, *, predictor: Predicto
             if prediction.latency_s is None:
                 prediction.latency_s = time.perf_counter() - start
     except SAMPLE_ERRORS as err:
-        record.update(prediction=None, parsed=None, correct=False, score=0.0, error=f"{type(err).__name__}: {err}")
-        record.update(meta=sample.meta, time=time.time())
-        return record
-    record.update(prediction=prediction.text, image_tokens=prediction.image_tokens,
-                  selected_pct=prediction.selected_pct,
-                  latency_s=None if prediction.latency_s is None else round(prediction.latency_s, 4))
-    if prediction.extra:
-        record["stats"] = prediction.extra
-    record.update(benchmark.score(sample, prediction.text))
-    record.update(meta=sample.meta, time=time.time())
-    return record
+        return _failed(record, sample, err)
+    return _scored(benchmark, record, sample, prediction)
 
 
 def _choose_by_likelihood(predictor, images, sample: Sample, generation: Mapping[str, Any]) -> Prediction:

@@ -2,8 +2,9 @@
 
 A predictor is any callable ``(images, prompt, options) -> Prediction``: ``images`` are loaded PIL images,
 ``prompt`` the benchmark's text, ``options`` the generation options of the run (``max_new_tokens``,
-``steps`` / ``tokens`` / ``mode``... -- see ``vila_hd.engine.GenerationOptions``). A predictor that can also
-rank given answers implements ``score_continuations`` (used by ``--mc-mode likelihood``).
+``steps`` / ``tokens`` / ``mode``... -- see ``vila_hd.engine.GenerationOptions``). A predictor that can answer
+several samples at once implements ``predict_batch`` (used with ``--batch-size``); one that can also rank given
+answers implements ``score_continuations`` (used by ``--mc-mode likelihood``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ class Predictor(Protocol):
 
 
 @runtime_checkable
+class BatchPredictor(Protocol):
+    def predict_batch(self, requests: Sequence[tuple[list[Any], str]], options: Mapping[str, Any]) -> list[Prediction]:
+        """Answer several ``(images, prompt)`` requests at once, in order."""
+        ...
+
+
+@runtime_checkable
 class LikelihoodPredictor(Protocol):
     def score_continuations(self, images: list[Any], prompt: str, continuations: Sequence[str],
                             options: Mapping[str, Any]) -> list[float]:
@@ -47,10 +55,18 @@ class EnginePredictor:
         self.last_image_tokens: int | None = None  # visual tokens of the last likelihood-scored sample
 
     def __call__(self, images: list[Any], prompt: str, options: Mapping[str, Any]) -> Prediction:
+        return self.predict_batch([(images, prompt)], options)[0]
+
+    def predict_batch(self, requests: Sequence[tuple[list[Any], str]], options: Mapping[str, Any]) -> list[Prediction]:
+        """One left-padded ``generate`` for all requests; each latency is the batch's time over its size."""
         start = time.perf_counter()
-        conversation = self.engine.single_turn(images, prompt)
-        result = self.engine.generate(conversation, **dict(options))
-        latency = time.perf_counter() - start
+        conversations = [self.engine.single_turn(images, prompt) for images, prompt in requests]
+        results = self.engine.generate_batch(conversations, **dict(options))
+        latency = (time.perf_counter() - start) / len(requests)
+        return [self._prediction(result, latency) for result in results]
+
+    @staticmethod
+    def _prediction(result: Any, latency: float) -> Prediction:
         stats = result.stats
         return Prediction(text=result.text.strip(), image_tokens=stats.image_tokens,
                           selected_pct=round(stats.selected_pct, 3) if stats.images else None, latency_s=latency,

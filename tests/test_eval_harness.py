@@ -3,6 +3,7 @@ budget sweeps with their plot, the CLI, and a run through the real engine on a t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -68,6 +69,43 @@ def test_run_writes_records_and_summary(tmp_path):
     markdown = (tmp_path / "out" / "summary.md").read_text()
     assert "| accuracy | 100.0 |" in markdown and "| even | 4 | 100.0 |" in markdown
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]["generation"] == {"steps": 2}
+
+
+class BatchOracle(Oracle):
+    """An :class:`Oracle` that also answers in batches; fails a batch holding question ``poison``."""
+
+    def __init__(self, poison: int | None = None):
+        super().__init__()
+        self.batches: list[int] = []
+        self.poison = poison
+
+    def predict_batch(self, requests, options):
+        prompts = [prompt for _, prompt in requests]
+        if self.poison is not None and any(f"Question {self.poison}?" in p for p in prompts):
+            raise RuntimeError("out of memory")
+        self.batches.append(len(requests))
+        return [dataclasses.replace(self(images, prompt, options), latency_s=None) for images, prompt in requests]
+
+
+def test_batched_run_gives_the_same_records_and_isolates_failures(tmp_path):
+    bench = make_jsonl(tmp_path, broken=4)
+    single = run_benchmark(bench, tmp_path / "one", predictor=Oracle(), progress=False)
+    oracle = BatchOracle()
+    batched = run_benchmark(bench, tmp_path / "three", predictor=oracle, batch_size=3, progress=False)
+    assert oracle.batches == [3, 2]  # samples 0-2, then 3 and 5 (4's image is broken); 6 alone is a plain call
+    keep = ("id", "prediction", "correct", "error", "image_tokens")
+    one, three = (list(read_parts(tmp_path / name / "parts").values()) for name in ("one", "three"))
+    assert [{k: r.get(k) for k in keep} for r in one] == [{k: r.get(k) for k in keep} for r in three]
+    assert single["accuracy"] == batched["accuracy"] and batched["errors"] == 1
+    # a batch that fails as a whole is redone sample by sample: only the culprit fails
+    poisoned = BatchOracle(poison=1)
+    run_benchmark(bench, tmp_path / "poison", predictor=poisoned, batch_size=3, progress=False)
+    records = read_parts(tmp_path / "poison" / "parts")
+    assert sorted(k for k, r in records.items() if "error" in r) == ["q4"]  # q1 alone succeeds (no batch)
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        run_benchmark(bench, tmp_path / "x", predictor=oracle, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="predict_batch"):
+        run_benchmark(bench, tmp_path / "y", predictor=Oracle(), batch_size=2, progress=False)
 
 
 def test_interrupted_run_resumes_without_recomputing(tmp_path):
@@ -283,3 +321,16 @@ def test_continuation_losses_equal_a_full_forward_per_continuation(tiny_predicto
         assert count == targets.numel()
         assert total == pytest.approx(float(F.cross_entropy(logits, targets, reduction="sum")), rel=1e-4, abs=1e-4)
         assert greedy == bool((logits.argmax(-1) == targets).all())
+
+
+def test_engine_predictor_answers_a_batch_as_it_answers_each_sample(tmp_path, tiny_predictor):
+    from eval.synthetic import SynthConfig, generate
+
+    generate(SynthConfig(image_size=448, low_res=112, train=0, test=3, mc_fraction=1.0), tmp_path)
+    bench = build_benchmark("jsonl", str(tmp_path / "test_eval.jsonl"))
+    runs = {}
+    for size in (1, 3):
+        run_benchmark(bench, tmp_path / f"b{size}", predictor=tiny_predictor, generation={"steps": 1},
+                      batch_size=size, progress=False)
+        runs[size] = {k: (r["prediction"], r["image_tokens"]) for k, r in read_parts(tmp_path / f"b{size}" / "parts").items()}
+    assert runs[1] == runs[3] and len(runs[3]) == 3
