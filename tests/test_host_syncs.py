@@ -44,3 +44,14 @@ def test_where_names_the_calling_line():
         x.sum().item()
     (site,) = syncs.by_site
     assert site.endswith(f"test_host_syncs.py:{test_where_names_the_calling_line.__code__.co_firstlineno + 3}")
+
+
+def test_tensors_made_from_python_data_on_a_device_count():
+    x = torch.ones(3)
+    with count_host_syncs() as syncs:
+        torch.tensor([1, 2], device=x.device)
+        torch.as_tensor([3], device=x.device)
+        x.new_tensor([1.0])
+        torch.tensor([1, 2])  # on the host: no copy
+        torch.as_tensor(x, device=x.device)  # already a tensor
+    assert syncs.by_op == {"tensor_from_python": 3}

@@ -14,7 +14,7 @@ from train.pretrain.data import BoxCaptionDataset, collate_box_caption
 from train.pretrain.model import PS3ForPretraining, box_recall, pretrain_loss
 from train.pretrain.synthetic import make_records, tiny_ps3_config, write_word_tokenizer
 from vila_hd.ps3 import PS3Tokenizer
-from vila_hd.ps3.selection import StepSpec
+from vila_hd.ps3.selection import StepSpec, resize_maps
 from vila_hd.ps3.vision import PS3VisionModelOutput
 
 SIZE = 448  # scales 112 / 224 / 448: grids 8, 16, 32; budget 160 = [32, 128]
@@ -84,6 +84,14 @@ def test_global_captions_use_the_low_res_pooled_vector():
     assert not torch.allclose(swapped.topdown_probs[0][0], out.topdown_probs[0][0])
 
 
+def masked_gt_tokens(gt, maps):
+    """The GT map read at the selected patches, by boolean-mask indexing (as the encoder did before)."""
+    gts = resize_maps(gt, [tuple(m.shape[-2:]) for m in maps], mode="area")
+    flat_gt = torch.cat([g.flatten(1) for g in gts], dim=1)
+    flat_sel = torch.cat([m.flatten(1) for m in maps], dim=1).bool()
+    return flat_gt[flat_sel].view(flat_sel.shape[0], -1) > 0
+
+
 def forward_pooled_all_high_res(self, low, prompt=None, gt_selection_maps=None, is_global_text=None,
                                 pool_gt_token_only=False, num_token_look_close=None, smooth_selection_prob=False):
     """The encoder's pooled path as it was: the high-res step on every sample, the global ones' result dropped."""
@@ -93,7 +101,7 @@ def forward_pooled_all_high_res(self, low, prompt=None, gt_selection_maps=None, 
     probs, bottom_up, top_down = self._scores(low, prompt, gt_selection_maps, smooth_selection_prob)
     step_maps = self._select(probs, plan, 1)
     high = self._encode_selected(low, step_maps, plan, [self.config.num_hidden_layers - 1])[0]
-    mask = self._gt_token_mask(gt_selection_maps, step_maps[0]) if pool_gt_token_only else None
+    mask = masked_gt_tokens(gt_selection_maps, step_maps[0]) if pool_gt_token_only else None
     pooled = self.trunk.pool(high, mask)
     if is_global_text is not None:
         low_pooled = self.trunk.pool(low.hidden_states[-1])

@@ -133,9 +133,9 @@ def fill_deepspeed_config(template: dict[str, Any], *, micro_batch_size: int, gr
     return cfg
 
 
-# Batch entries read on the host (segment tables, see vila_hd.model.attention): moving them would make each read
-# wait for the GPU.
-HOST_ENTRIES = frozenset({"segments"})
+# Batch entries read on the host: moving them would make each read wait for the GPU. Segment tables (see
+# vila_hd.model.attention) and PS3 pre-training's global-caption flags (the model moves its own copy).
+HOST_ENTRIES = frozenset({"segments", "is_global"})
 
 
 def _to_device(batch: Any, device) -> Any:

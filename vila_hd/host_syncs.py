@@ -2,8 +2,9 @@
 
 A CUDA step is fast only if the host can queue kernels ahead of the GPU. Some operators cannot return before
 the device has computed their input: reading a value (``.item()``, ``int(t)``, ``bool(t)``, ``.tolist()``),
-and operators whose *output shape* depends on the data (``nonzero``, boolean-mask indexing, ``masked_select``,
-``unique``, ``repeat_interleave`` without ``output_size``). On CUDA each of them is a host sync.
+operators whose *output shape* depends on the data (``nonzero``, boolean-mask indexing, ``masked_select``,
+``unique``, ``repeat_interleave`` without ``output_size``), and tensors made from Python data on the device
+(``torch.tensor(data, device=...)``, ``new_tensor``: a blocking copy). On CUDA each of them is a host sync.
 
 :func:`count_host_syncs` records these operators at the ATen dispatch level, so the count does not depend on
 the device: a test on CPU shows how many syncs the same code makes on a GPU (kernels inside libraries that sync
@@ -94,17 +95,28 @@ class _Recorder(TorchDispatchMode):
             self.record.by_site[_call_site()] += 1
 
 
-class _ListRecorder(TorchFunctionMode):
-    """``Tensor.tolist`` reads the data without an ATen operator on the CPU (on CUDA it copies to the host)."""
+class _FunctionRecorder(TorchFunctionMode):
+    """What the ATen level does not show on a CPU: ``Tensor.tolist`` (on CUDA a copy to the host), and tensors
+    made from Python data *on a given device* (``torch.tensor(data, device=d)``, ``t.new_tensor(data)``): on a GPU
+    that is a blocking copy from the host, which waits for the queued work."""
 
     def __init__(self, record: _Recorder):
         super().__init__()
         self.record = record
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch.Tensor.tolist:
             self.record.count("tolist")
-        return func(*args, **(kwargs or {}))
+        elif func is torch.Tensor.new_tensor or (func in (torch.tensor, torch.as_tensor) and _python_data_to_device(
+                args, kwargs)):
+            self.record.count("tensor_from_python")
+        return func(*args, **kwargs)
+
+
+def _python_data_to_device(args, kwargs) -> bool:
+    data = args[0] if args else kwargs.get("data")
+    return kwargs.get("device") is not None and not torch.is_tensor(data)
 
 
 @contextmanager
@@ -113,5 +125,5 @@ def count_host_syncs(where: bool = False) -> Iterator[HostSyncs]:
     ``where=True`` also counts them by calling line (slower: one stack walk per sync)."""
     record = HostSyncs()
     recorder = _Recorder(record, where)
-    with recorder, _ListRecorder(recorder):
+    with recorder, _FunctionRecorder(recorder):
         yield record

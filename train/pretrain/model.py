@@ -173,19 +173,22 @@ class PS3ForPretraining(nn.Module):
             if value.dim() != shape or value.shape[0] != batch:
                 raise ValueError(f"{name} must have batch size {batch} in dim 0, got shape {tuple(value.shape)}")
         pixels = self.normalize_pixels(pixel_values)
-        is_global = is_global.view(-1).bool()
+        # As given (a CPU tensor lets the high-res step read its local-caption count without waiting for the GPU).
+        is_global_given = is_global.view(-1).bool()
+        is_global = is_global_given.to(pixels.device, non_blocking=True)
         text = self.text_model(input_ids)
         enc = self.vision_model
         low = enc.encode_low_res(pixels)
         hw = tuple(pixels.shape[-2:])
-        full = boxes.new_tensor([0.0, 0.0, hw[1], hw[0]]).expand_as(boxes)
+        full = torch.zeros_like(boxes, dtype=torch.float32)  # device ops: new_tensor([...]) would be a blocking copy
+        full[:, 2], full[:, 3] = hw[1], hw[0]
         boxes = torch.where(is_global[:, None], full, boxes.float())
         gt = box_maps_for_grids(boxes, hw, enc.highres_grids(hw)).to(pixels.device)
         prompt = text.prompt
         image_features, selection_maps = None, None
         if self.contrastive:
             out = enc.forward_pooled(
-                low, prompt=prompt, gt_selection_maps=gt if self.select_with_gt else None, is_global_text=is_global,
+                low, prompt=prompt, gt_selection_maps=gt if self.select_with_gt else None, is_global_text=is_global_given,
                 pool_gt_token_only=self.pool_gt_token_only, num_token_look_close=self.tokens_per_step,
             )
             image_features = F.normalize(out.pooled_output.float(), dim=-1)

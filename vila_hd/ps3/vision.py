@@ -386,20 +386,20 @@ class PS3VisionEncoder(nn.Module):
         # Per scale and step, the (batch, count) selected patch indices; the counts come from the plan.
         per_scale = {i: [selected_columns(m[i].flatten(1), plan[s][i]) for s, m in enumerate(step_maps)]
                      for i in used}
-        groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        # Steps with the same per-scale counts run together: their sequences are (step, instance), step-major.
+        groups: dict[tuple[int, ...], list[int]] = {}
         for s in range(len(plan)):
-            for b in range(batch):
-                groups.setdefault(tuple(plan[s]), []).append((s, b))
+            groups.setdefault(tuple(plan[s]), []).append(s)
         xs, bs, fs, owners = [], [], [], []
-        for signature, members in groups.items():
-            instances = {b for _, b in members}
-            owners.append(instances.pop() if len(instances) == 1 else None)
-            b_idx = torch.tensor([b for _, b in members], device=pixel_values.device)
+        for signature, steps in groups.items():
+            owners.append(0 if batch == 1 else None)
+            # Made on the device: a tensor built from a Python list would be a blocking copy (a host sync).
+            b_idx = torch.arange(batch, device=pixel_values.device).repeat(len(steps))
             tokens, flat = [], []
             for i in used:
                 if signature[i] == 0:
                     continue
-                idx = torch.stack([per_scale[i][s][b] for s, b in members])
+                idx = torch.cat([per_scale[i][s] for s in steps])
                 patches, pos = banks[i]
                 tokens.append(self.trunk.patch_embed.embed_patches(patches[b_idx[:, None], idx]) + pos[idx])
                 flat.append(idx + offsets[i])
@@ -471,10 +471,11 @@ class PS3VisionEncoder(nn.Module):
 
     @staticmethod
     def _local_rows(is_global_text: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-        """Indices of the samples with a local caption (a host sync: their count sets the high-res batch)."""
+        """Indices of the samples with a local caption; their count sets the high-res batch, so it is read on the
+        host: free when ``is_global_text`` is a CPU tensor (the pre-training batches keep one), a sync otherwise."""
         if is_global_text.numel() != batch:
             raise ValueError(f"is_global_text must have {batch} entries, got shape {tuple(is_global_text.shape)}")
-        return (~is_global_text.view(-1).bool()).nonzero().view(-1).to(device)
+        return (~is_global_text.view(-1).bool()).nonzero().view(-1).to(device, non_blocking=True)
 
     def _pool_high_res(self, low: LowResOutput, step_maps: list[list[torch.Tensor]], plan: list[list[int]],
                        gt_selection_maps: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
@@ -484,7 +485,7 @@ class PS3VisionEncoder(nn.Module):
             step_maps = [[m[rows] for m in step] for step in step_maps]
             gt_selection_maps = None if gt_selection_maps is None else gt_selection_maps[rows]
         high = self._encode_selected(low, step_maps, plan, [self.config.num_hidden_layers - 1], rows)[0]
-        mask = None if gt_selection_maps is None else self._gt_token_mask(gt_selection_maps, step_maps[0])
+        mask = None if gt_selection_maps is None else self._gt_token_mask(gt_selection_maps, step_maps[0], high.shape[1])
         return self.trunk.pool(high, mask)
 
     def _with_low_res_pooled(self, low: LowResOutput, high_pooled: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
@@ -495,13 +496,13 @@ class PS3VisionEncoder(nn.Module):
             return low_pooled + 0.0 * high_pooled.sum()
         return low_pooled.index_copy(0, local, high_pooled.to(low_pooled.dtype))
 
-    def _gt_token_mask(self, gt_selection_maps, maps) -> torch.Tensor:
-        """GT map (area-resized per scale) read at the selected patches, in token order."""
+    def _gt_token_mask(self, gt_selection_maps, maps, count: int) -> torch.Tensor:
+        """GT map (area-resized per scale) read at the ``count`` selected patches of each row, in token order."""
         sizes = [tuple(m.shape[-2:]) for m in maps]
         gts = resize_maps(gt_selection_maps, sizes, mode="area")
         flat_gt = torch.cat([g.flatten(1) for g in gts], dim=1)
-        flat_sel = torch.cat([m.flatten(1) for m in maps], dim=1).bool()
-        return flat_gt[flat_sel].view(flat_sel.shape[0], -1) > 0
+        flat_sel = torch.cat([m.flatten(1) for m in maps], dim=1)
+        return flat_gt.gather(1, selected_columns(flat_sel, count)) > 0
 
     def format_features_into_feature_maps(self, features: torch.Tensor, selection_maps) -> list[torch.Tensor]:
         """Scatter (B, N, C) tokens back into zero-filled (B, C, h, w) maps: low-res first, then each scale."""
