@@ -69,7 +69,8 @@ def test_packed_rows_give_the_same_losses_and_gradients_as_padded_rows(tiny, sam
 def test_collator_index_plan_spares_the_step_its_host_syncs(tiny, samples, packing):
     """Given the image-token id and the low-res tokens per image, the collator finds the image-token and target
     positions and the prefix pass's plan on the CPU: the step gives the same losses and gradients as when it
-    finds them itself, and its own code never waits for the device (at least three times otherwise)."""
+    finds them itself, and its forward (model included) never waits for the device (its own code at least three
+    times otherwise)."""
     model, processor = tiny
     step = VilaHDTrainStep(model, LOOK).eval()
     planned = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048, packing=packing,
@@ -82,6 +83,8 @@ def test_collator_index_plan_spares_the_step_its_host_syncs(tiny, samples, packi
             out = step(batch)
         (out["lm"] + out["selection"]).backward()
         own = sum(n for site, n in syncs.by_site.items() if site.startswith("train" + os.sep))
+        if batch is planned:  # the whole forward, model included
+            assert syncs.total == 0, syncs.by_site
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((own, {k: v.detach() for k, v in out.items()}, grads))
     (own_a, out_a, g_a), (own_b, out_b, g_b) = results

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from serving_helpers import rgb
 from transformers import AutoModelForImageTextToText, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
+from vila_hd.host_syncs import count_host_syncs
 from vila_hd.model import VilaHDForConditionalGeneration
 from vila_hd.model.projector import VilaHDProjector, gather_groups, space_to_channel
 from vila_hd.model.tiny import build_tiny_model, tiny_config
@@ -89,6 +90,28 @@ def test_gather_groups_skips_partial_groups():
     feats, where = gather_groups(tokens, [smap], 2, offset=1)
     assert feats.tolist() == [[1.0, 2.0, 4.0, 5.0]]
     assert [w.tolist() for w in where[0]] == [[0], [0], [0]]
+
+
+def test_gather_groups_with_known_counts_is_sync_free_and_checked():
+    g = torch.Generator().manual_seed(0)
+    smaps = [torch.zeros(2, 4, 4), torch.zeros(2, 8, 8)]
+    for smap, groups in zip(smaps, (2, 5)):
+        for b in range(2):  # `groups` whole 2x2 groups per image, at random places
+            cells = torch.randperm(smap.shape[-1] // 2 * smap.shape[-2] // 2, generator=g)[:groups]
+            for c in cells.tolist():
+                row, col = divmod(c, smap.shape[-1] // 2)
+                smap[b, 2 * row:2 * row + 2, 2 * col:2 * col + 2] = 1
+    n = int(sum(m[0].sum() for m in smaps))
+    tokens = torch.randn(2, 1 + n, 3, generator=g)
+    generic = gather_groups(tokens, smaps, 2, offset=1)
+    with count_host_syncs() as syncs:
+        known = gather_groups(tokens, smaps, 2, offset=1, groups_per_scale=(2, 5))
+    assert syncs.total == 0
+    assert torch.equal(generic[0], known[0])
+    for a, b in zip(generic[1], known[1]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(RuntimeError, match="complete groups"):
+        gather_groups(tokens, smaps, 2, offset=1, groups_per_scale=(3, 5))
 
 
 def test_position_embedding_equals_area_interpolation():

@@ -94,8 +94,10 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 def _per_row(table: torch.Tensor, batch: int, length: int) -> list[list[tuple[int, int]]]:
     if table.dim() != 2 or table.shape[1] != 3:
         raise ValueError(f"segments must be an (N, 3) table of (row, start, end), got shape {tuple(table.shape)}")
+    if table.device.type != "cpu":
+        raise ValueError(f"segments must stay on the host (reading a {table.device} table would wait for it)")
     per_row: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
-    for row, start, end in table.tolist():
+    for row, start, end in table.numpy().tolist():  # host memory: nothing to wait for
         if not 0 <= row < batch:
             raise ValueError(f"segment ({row}, {start}, {end}) names row {row} of a batch of {batch}")
         at = per_row[row][-1][1] if per_row[row] else 0

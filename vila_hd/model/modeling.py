@@ -278,14 +278,11 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         )
         n_low_patches = low_res.hidden_states[0].shape[1]
         high = out.hidden_states[0][:, n_low_patches:].to(self._projector_dtype)
-        high_embeds, counts = self.mm_projector.project_high_res(high, out.selection_maps, offset=0)
-        counts = counts.tolist()
-        if any(c != layout.num_high_res_tokens for c in counts):
-            r = self.config.downsample
-            raise RuntimeError(
-                f"PS3 selected {counts} complete {r}x{r} groups per image, the token layout expects "
-                f"{layout.num_high_res_tokens}"
-            )
+        # The layout knows each scale's full groups (selection is group-aligned); the projector checks them on the
+        # device, so nothing here waits for the GPU.
+        high_embeds, _ = self.mm_projector.project_high_res(high, out.selection_maps, offset=0,
+                                                            groups_per_scale=layout.high_res_tokens)
+        counts = [layout.num_high_res_tokens] * high.shape[0]
         return VilaHDImageFeatures(
             low_res_embeds, high_embeds, counts, layout, out.selection_maps, out.selection_probs, prompts
         )

@@ -13,10 +13,13 @@ runs on those groups only.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vila_hd.ps3.vision import selected_columns
 
 
 class PromptHeadLinear(nn.Linear):
@@ -81,7 +84,8 @@ def space_to_channel(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def gather_groups(
-    tokens: torch.Tensor, selection_maps: list[torch.Tensor], r: int, offset: int
+    tokens: torch.Tensor, selection_maps: list[torch.Tensor], r: int, offset: int,
+    groups_per_scale: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Pick the fully selected r x r groups of every high-res scale from PS3's selected-token list.
 
@@ -90,6 +94,9 @@ def gather_groups(
             tokens), scale-major, raster order within a scale.
         selection_maps: per high-res scale, (B, h, w) 0/1 maps of the selected patches.
         r: merge size.
+        groups_per_scale: the number of full groups every image has at each scale, when known (the token
+            layout knows it for group-aligned selection): they are then found without a host sync (checked on
+            the device); otherwise with ``nonzero``.
 
     Returns:
         ``(features, where)``: ``features`` (G, r*r*C) for all kept groups, ordered by image, then scale,
@@ -110,7 +117,10 @@ def gather_groups(
         sel_g = sel[:, : hh * r, : ww * r].reshape(b, hh, r, ww, r).permute(0, 1, 3, 2, 4).reshape(b, hh, ww, r * r)
         idx_g = index[:, : hh * r, : ww * r].reshape(b, hh, r, ww, r).permute(0, 1, 3, 2, 4).reshape(b, hh, ww, r * r)
         keep = sel_g.all(-1)  # (B, hh, ww)
-        img, gi, gj = keep.nonzero(as_tuple=True)
+        if groups_per_scale is None:
+            img, gi, gj = keep.nonzero(as_tuple=True)
+        else:
+            img, gi, gj = _known_groups(keep, groups_per_scale[len(where)])
         idx = idx_g[img, gi, gj]  # (G_s, r*r)
         pieces.append((img, tokens[img.unsqueeze(1), idx].reshape(-1, r * r * c)))
         where.append((img, gi, gj))
@@ -121,6 +131,17 @@ def gather_groups(
     feats = torch.cat([p[1] for p in pieces])
     order = torch.sort(img_all, stable=True).indices
     return feats[order], where
+
+
+def _known_groups(keep: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``keep.nonzero(as_tuple=True)`` for a (B, hh, ww) map with ``count`` ones per image, without a host sync."""
+    b, _, ww = keep.shape
+    flat = keep.flatten(1)
+    torch._assert_async((flat.sum(1) == count).all(), "PS3 selected another number of complete groups than the "
+                        "token layout expects")
+    cols = selected_columns(flat, count)  # (B, count), raster order
+    img = torch.arange(b, device=keep.device)[:, None].expand(b, count).reshape(-1)
+    return img, (cols // ww).reshape(-1), (cols % ww).reshape(-1)
 
 
 def area_weights(size_in: int, size_out: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -185,17 +206,21 @@ class VilaHDProjector(nn.Module):
         return out
 
     def project_high_res(
-        self, tokens: torch.Tensor, selection_maps: list[torch.Tensor], offset: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, tokens: torch.Tensor, selection_maps: list[torch.Tensor], offset: int,
+        groups_per_scale: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Project the fully selected groups of PS3's high-res tokens.
 
-        Returns ``(embeds, counts)``: (G, H) embeddings ordered image-major, and (B,) groups per image.
+        Returns ``(embeds, counts)``: (G, H) embeddings ordered image-major, and (B,) groups per image (``None``
+        when ``groups_per_scale`` gives them; see :func:`gather_groups`).
         """
         r = self.downsample
-        merged, where = gather_groups(tokens, selection_maps, r, offset)
-        counts = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-        for img, _, _ in where:
-            counts += torch.bincount(img, minlength=tokens.shape[0])
+        merged, where = gather_groups(tokens, selection_maps, r, offset, groups_per_scale)
+        counts = None
+        if groups_per_scale is None:
+            counts = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+            for img, _, _ in where:
+                counts += torch.bincount(img, minlength=tokens.shape[0])
         out = self.layers(merged)
         if self.high_res_pos_embed is not None and out.shape[0]:
             pos = []
