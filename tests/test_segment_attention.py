@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from vila_hd.model.attention import segment_attention, segment_table
@@ -117,3 +119,23 @@ def test_auto_keeps_llms_whose_attention_is_not_plain_causal():
     q = torch.randn(1, 2, 6, 4)
     with pytest.raises(ValueError, match="llm_attention: model"):
         segment_attention(nn.Module(), q, q, q, None, segments=segment_table((((0, 6),),)), sliding_window=4)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(data=st.data())
+def test_random_span_layouts_match_the_dense_mask(data):
+    rows = data.draw(st.integers(1, 3))
+    length = data.draw(st.integers(1, 12))
+    segments = []
+    for _ in range(rows):  # increasing cut points -> spans, some of them dropped (gaps / padding)
+        cuts = sorted(set(data.draw(st.lists(st.integers(0, length), max_size=5)) + [0, length]))
+        spans = [(a, b) for a, b in zip(cuts, cuts[1:]) if data.draw(st.booleans())]
+        segments.append(tuple(spans))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    q = torch.randn(rows, 4, length, 8, generator=g)
+    k, v = torch.randn(rows, 2, length, 8, generator=g), torch.randn(rows, 2, length, 8, generator=g)
+    ours, _ = segment_attention(nn.Module(), q, k, v, None, segments=segment_table(segments))
+    ref = dense_reference(q, k, v, segments)
+    for r, spans in enumerate(segments):
+        for start, end in spans:  # the samples' tokens (outside them: zero, or padding after a lone sample)
+            torch.testing.assert_close(ours[r, start:end], ref[r, start:end], rtol=1e-5, atol=1e-5)
