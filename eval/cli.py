@@ -130,7 +130,7 @@ def _model_or_replies(args: argparse.Namespace):
 
         if torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    engine = load_engine(args, "vila-hd eval")
+    engine = load_engine(args, "vila-hd eval", image_cache_size=0)
     if engine is None:
         return None, None, None
     return EnginePredictor(engine), None, {"model": args.model, "adapter": args.adapter}

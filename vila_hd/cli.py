@@ -213,8 +213,9 @@ def generation_options(args: argparse.Namespace):
     )
 
 
-def load_engine(args: argparse.Namespace, prog: str):
-    """The engine for ``args``, or ``None`` after printing why it could not be loaded."""
+def load_engine(args: argparse.Namespace, prog: str, image_cache_size: int = 4):
+    """The engine for ``args``, or ``None`` after printing why it could not be loaded. ``image_cache_size``: 0
+    for commands that never see an image twice (batch inference, evaluation)."""
     import torch
 
     from vila_hd.engine import Engine
@@ -236,6 +237,7 @@ def load_engine(args: argparse.Namespace, prog: str):
             dtype=args.dtype,
             device_map=args.device_map,
             load_4bit=args.load_4bit,
+            image_cache_size=image_cache_size,
         )
     except (OSError, ValueError, ImportError, RuntimeError) as err:
         print(f"{prog}: error: cannot load the model: {err}", file=sys.stderr)

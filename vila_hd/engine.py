@@ -697,11 +697,12 @@ class Engine:
         *,
         options: GenerationOptions | None = None,
         limits: ServingLimits | None = None,
+        image_cache_size: int = 4,
         **load_kwargs: Any,
     ) -> Engine:
         """:func:`load_model` + an engine around it."""
         loaded, processor = load_model(model, adapter, **load_kwargs)
-        return cls(loaded, processor, options, limits=limits)
+        return cls(loaded, processor, options, limits=limits, image_cache_size=image_cache_size)
 
     # --- conversations ---------------------------------------------------------------------------------
     def conversation(self, system: str | None = None) -> Conversation:

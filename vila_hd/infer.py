@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
-    engine = load_engine(args, prog)
+    engine = load_engine(args, prog, image_cache_size=0)
     if engine is None:
         return 1
     counts = infer(
