@@ -87,7 +87,7 @@ class EnginePredictor:
         the prompt's KV cache, which is cut back to the prompt afterwards."""
         import torch
 
-        from vila_hd.model.modeling import crop_cache
+        from vila_hd.model.modeling import CACHE_FIELD, crop_cache
 
         engine = self.engine
         processor, model = engine.processor, engine.model
@@ -101,7 +101,7 @@ class EnginePredictor:
         self.last_image_tokens = int((prefix["input_ids"] == processor.image_token_id).sum())
         with torch.inference_mode():
             out = model(**prefix, look_close_mode=settings.look_close_mode, use_cache=True, logits_to_keep=1)
-        cache = out.get("cache", out.get("past_key_values"))
+        cache = out[CACHE_FIELD]
         first = out.logits[0, -1:].float()  # predicts the first continuation token
         results = []
         for continuation in continuations:

@@ -462,3 +462,24 @@ def test_processor_settings_flow_into_the_model(tiny):
             out = model(**inputs, output_selection_maps=True)
         layout = model.image_token_layout(**settings)
         assert [int(m.sum()) for m in out.selection_maps] == list(layout.selected_patches)
+
+
+def test_no_deprecated_cache_name_is_read(tiny):
+    """The cache is read under this transformers version's field name only: the other name goes through a
+    deprecation shim that logs a warning on every process."""
+    import logging
+
+    model, processor = tiny
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        inputs = processor(text=chat(processor, "<image>What color is the car?"), images=[rgb(15)])
+        with torch.no_grad():
+            model(**inputs, use_cache=False, output_selection_maps=True, logits_to_keep=1)
+            greedy(model, inputs, n=2)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in messages if "deprecated" in m]

@@ -798,10 +798,8 @@ def _call_with_cache(module: nn.Module, cache, **kwargs):
 
 
 def _cache_of(output):
-    for name in ("cache", "past_key_values"):
-        if name in output and output[name] is not None:
-            return output[name]
-    return None
+    # Only this version's field: reading the other name goes through transformers' deprecation shim (and warns).
+    return output.get(CACHE_FIELD)
 
 
 def _output(out, keep_cache: bool = True, logits=None, selection=None) -> VilaHDCausalLMOutput:
