@@ -478,7 +478,8 @@ def test_no_deprecated_cache_name_is_read(tiny):
     try:
         inputs = processor(text=chat(processor, "<image>What color is the car?"), images=[rgb(15)])
         with torch.no_grad():
-            model(**inputs, use_cache=False, output_selection_maps=True, logits_to_keep=1)
+            model(**inputs, use_cache=False, output_selection_maps=True, logits_to_keep=1, reuse_prefix_cache=True)
+            model(**inputs, use_cache=False, reuse_prefix_cache=False)
             greedy(model, inputs, n=2)
     finally:
         logger.removeHandler(handler)
