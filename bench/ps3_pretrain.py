@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from train.pretrain.loop import pretrain_flops
-from train.pretrain.model import PS3ForPretraining, pretrain_loss
+from train.pretrain.model import LOSS_TERMS, PS3ForPretraining, loss_counts, pretrain_loss_sums
 from train.pretrain.synthetic import tiny_ps3_config
 from vila_hd.ps3 import preset_config
 
@@ -83,7 +83,7 @@ def make_batch(model: PS3ForPretraining, batch: int, device: torch.device, seed:
         "pixel_values": torch.randint(0, 256, (batch, 3, side, side), generator=g, dtype=torch.uint8).to(device),
         "input_ids": torch.randint(1, text.vocab_size, (batch, text.context_length), generator=g).to(device),
         "boxes": torch.stack([x0, y0, x0 + width, y0 + width], dim=1).to(device),
-        "is_global": (torch.rand(batch, generator=g) < 0.25).to(device),
+        "is_global": torch.rand(batch, generator=g) < 0.25,  # kept on the host, as the trainer does
     }
 
 
@@ -112,15 +112,21 @@ def bench_one(name: str, batch_size: int, args, device: torch.device, dtype: tor
     optimizer = torch.optim.AdamW(model.param_groups(3e-4), lr=5e-6, betas=(0.9, 0.95), **fused)
     batch = make_batch(model, batch_size, device)
 
+    counts = loss_counts(batch["is_global"])  # on the host, as the trainer's collator gives them
+
+    def total_loss():
+        """The trainer's loss (term sums over their counts; weights 1), without reading values on the host."""
+        sums = pretrain_loss_sums(model(**batch))
+        return sum(sums[k] / max(counts[k], 1) for k in LOSS_TERMS if k in sums)
+
     def step():
-        loss, _ = pretrain_loss(model(**batch))
-        loss.backward()
+        total_loss().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def forward():
         with torch.no_grad():
-            pretrain_loss(model(**batch))
+            total_loss()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
