@@ -144,8 +144,8 @@ def bench_one(name: str, batch_size: int, args, device: torch.device, dtype: tor
         model=name, batch_size=batch_size, image_size=vision.ps3_scales[-1],
         patches_per_image=vision.low_res_token_num + (model.tokens_per_step or sum(vision.budget_each_scale)),
         grad_checkpointing=not args.no_grad_checkpointing, step_ms=round(step_ms, 2), forward_ms=round(forward_ms, 2),
-        samples_per_s=round(batch_size / (step_ms / 1e3), 2), model_tflop_per_step=round(flops / 1e12, 3),
-        achieved_tflops=round(achieved, 2), mfu=round(achieved / peak, 4) if peak else None,
+        samples_per_s=round(batch_size / (step_ms / 1e3), 2), model_tflop_per_step=float(f"{flops / 1e12:.4g}"),
+        achieved_tflops=float(f"{achieved:.4g}"), mfu=round(achieved / peak, 4) if peak else None,
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
     )
