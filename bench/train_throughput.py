@@ -65,6 +65,11 @@ def build_model(preset: str, attn: str | None):
     return model, 151646, {"num_token_look_close": 10240}
 
 
+def _normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """SigLIP's normalisation (mean = std = 0.5) of uint8 pixels, on their device, as the training step does."""
+    return pixels.float() / 127.5 - 1.0
+
+
 def synthetic_samples(model, image_token_id: int, look_close: dict, n: int, max_length: int, seed: int = 0):
     """EncodedSample-like items: [prompt][image tokens + "\\n"][question] [answer] with varied lengths."""
     from train.data.dataset import EncodedSample
@@ -90,7 +95,7 @@ def synthetic_samples(model, image_token_id: int, look_close: dict, n: int, max_
             pieces.append(torch.tensor([198]))
             prompt += n_img + 1
             positions = [prompt]
-            pixels = torch.randn(1, 3, size, size)
+            pixels = torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8)  # as the loader gives
         pieces.append(ids[head:])
         input_ids = torch.cat(pieces)[:max_length]
         labels = torch.full_like(input_ids, -100)
@@ -141,7 +146,7 @@ def run(args, packing: bool, profile_dir: str | None = None) -> dict:
     never = ("prior_prompt", "trunk.norm.", "trunk.attn_pool.")
     for name, p in model.named_parameters():
         p.requires_grad_(not any(k in name for k in never))
-    step = VilaHDTrainStep(model, look, llm_attention=args.llm_attention).train()
+    step = VilaHDTrainStep(model, look, llm_attention=args.llm_attention, normalize=_normalize).train()
     samples = synthetic_samples(model, image_token_id, look, args.samples_per_step * (args.steps + args.warmup),
                                 args.max_length)
     size = tuple([model.config.vision_config.ps3_scales[-1]] * 2)
@@ -162,7 +167,7 @@ def run(args, packing: bool, profile_dir: str | None = None) -> dict:
     trainer = Trainer(step, [{"params": params, "lr": 1e-5, "name": "all"}], SyntheticData(batches), settings)
     layout = model.image_token_layout(None, **look)
     flops_model = FlopsModel.from_model(model, layout)
-    times, tokens, n_samples, flops = [], [], [], []
+    times, tokens, n_samples, flops, slots = [], [], [], [], []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i, batch in enumerate(batches):
@@ -175,6 +180,7 @@ def run(args, packing: bool, profile_dir: str | None = None) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
             tokens.append(batch["num_tokens"])
+            slots.append(batch["input_ids"].numel())
             n_samples.append(batch["num_samples"])
             flops.append(flops_model.batch(batch))
     t = statistics.median(times)
@@ -185,7 +191,7 @@ def run(args, packing: bool, profile_dir: str | None = None) -> dict:
         "rows_x_length": list(batches[-1]["input_ids"].shape),
         "samples_per_step": k,
         "tokens_per_step": per_step_tokens,
-        "padding_fraction": 1 - per_step_tokens / batches[-1]["input_ids"].numel(),
+        "padding_fraction": 1 - sum(tokens) / sum(slots),  # over the timed steps
         "step_s_median": t,
         "tokens_per_s": per_step_tokens / t,
         "samples_per_s": statistics.mean(n_samples) / t,

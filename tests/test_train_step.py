@@ -145,6 +145,30 @@ def _counting(fn, calls):
     return wrapped
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_uint8_pixels_normalised_in_the_step_equal_float_pixels(tiny, samples, tmp_path, packing):
+    """Training data travels as uint8 (a quarter of the bytes) and the step normalises it: same losses and
+    gradients, bit for bit, as the float pixels the processor makes."""
+    model, processor = tiny
+    small = step_samples(processor, tmp_path, LOOK, uint8_pixels=True)
+    assert small[0].pixel_values.dtype == torch.uint8 and samples[0].pixel_values.dtype == torch.float32
+    collate = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048, packing=packing)
+    results = []
+    for items, normalize in ((samples, None), (small, processor.image_processor.normalize)):
+        model.zero_grad()
+        out = VilaHDTrainStep(model, LOOK, normalize=normalize).eval()(collate(items))
+        (out["lm"] + out["selection"]).backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (out_a, g_a), (out_b, g_b) = results
+    for k in out_a:
+        torch.testing.assert_close(out_b[k], out_a[k], rtol=0, atol=0)
+    for n in g_a:
+        torch.testing.assert_close(g_b[n], g_a[n], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        VilaHDTrainStep(model, LOOK).eval()(collate(small))
+    model.zero_grad()
+
+
 def test_a_prefix_plan_for_another_layout_is_refused(tiny, samples):
     model, processor = tiny
     n_low = low_res_tokens(model)

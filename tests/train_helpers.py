@@ -105,7 +105,7 @@ def lm_losses(output_dir: str) -> dict[int, float]:
     return out
 
 
-def step_samples(processor, folder, look_close: dict) -> list:
+def step_samples(processor, folder, look_close: dict, uint8_pixels: bool = False) -> list:
     """Three encoded samples for the training forward: one image with a box, text only, two images (one boxed)."""
     from llava_compat import datasets as ds
     from train.data.dataset import SampleEncoder
@@ -120,5 +120,5 @@ def step_samples(processor, folder, look_close: dict) -> list:
            ds.RawSample("b", [{"role": "user", "content": "Read the sign."}, {"role": "assistant", "content": "Stop."}]),
            ds.RawSample("c", [{"role": "user", "content": "<image>\n<image>\nCompare."},
                               {"role": "assistant", "content": "The second is larger."}], paths[1:], [None, [0, 0, 60, 60]])]
-    enc = SampleEncoder(processor, 2048, look_close)
+    enc = SampleEncoder(processor, 2048, look_close, uint8_pixels=uint8_pixels)
     return [enc.encode(s, i) for i, s in enumerate(raw)]

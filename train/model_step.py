@@ -23,6 +23,7 @@ normalises each by its global count (``batch["num_items"]``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,9 +39,12 @@ class VilaHDTrainStep(nn.Module):
     """Training forward of a VILA-HD model (optionally with LoRA layers injected by peft)."""
 
     def __init__(self, model: nn.Module, look_close: dict[str, Any] | None = None, mode: str | None = None,
-                 llm_attention: str = "auto"):
+                 llm_attention: str = "auto", normalize: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``normalize``: turns uint8 pixel batches into model inputs (the image processor's
+        :meth:`~vila_hd.ps3.PS3ImageProcessor.normalize`); float batches are taken as normalised."""
         super().__init__()
         self.model = model
+        self.normalize = normalize
         self.look_close = {k: v for k, v in (look_close or {}).items() if v is not None}
         self.mode = mode or model.config.look_close_mode
         if self.mode not in ("after_prompt", "after_image"):
@@ -51,7 +55,7 @@ class VilaHDTrainStep(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         m = self.model
         input_ids, positions, targets = batch["input_ids"], batch["position_ids"], batch["target_ids"]
-        pixel_values = batch["pixel_values"]
+        pixel_values = self._pixels(batch["pixel_values"])
         placed = int(batch["num_placed_images"])
         layout = m.image_token_layout(tuple(pixel_values.shape[-2:]), **self.look_close)
         n_tok, n_low = layout.num_tokens, layout.num_low_res_tokens
@@ -87,6 +91,14 @@ class VilaHDTrainStep(nn.Module):
         per_image = selection_loss(feats.selection_probs, boxes)
         selection = torch.where(has_box, per_image, torch.zeros_like(per_image)).sum()
         return {"lm": lm + 0.0 * unused, "selection": selection}
+
+    def _pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        if self.normalize is None:
+            raise ValueError("the batch holds uint8 pixels but the training step has no normalize (give it the "
+                             "image processor's normalize)")
+        return self.normalize(pixel_values)
 
     def _lm_loss(self, embeds, positions, targets, batch) -> torch.Tensor:
         """Summed CE of the target tokens. The LM head runs at exactly the target positions (not at every column

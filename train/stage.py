@@ -206,7 +206,7 @@ def build_data(config: StageConfig, processor, world: int, rank: int, grad_accum
     from train.data.sampler import StepSampler
     from vila_hd.model.token_layout import image_token_layout
 
-    encoder = SampleEncoder(processor, config.data.max_length, config.look_close.kwargs())
+    encoder = SampleEncoder(processor, config.data.max_length, config.look_close.kwargs(), uint8_pixels=True)
     dataset = TrainingDataset(open_mixture(config), encoder)
     size = tuple(processor.image_processor.image_size)
     pad = processor.tokenizer.pad_token_id
@@ -302,7 +302,8 @@ def run_stage(config: StageConfig, resume: bool = True, until: int | None = None
     param_groups = set_trainable(peft_model if peft_model is not None else model, config)
     enable_gradient_checkpointing(model, config)
     compiled = apply_compile(model, config)
-    step_module = VilaHDTrainStep(model, config.look_close.kwargs(), config.look_close.mode, config.llm_attention)
+    step_module = VilaHDTrainStep(model, config.look_close.kwargs(), config.look_close.mode, config.llm_attention,
+                                  normalize=processor.image_processor.normalize)
     step_module.train()
 
     accum = grad_accumulation(config, world)

@@ -40,7 +40,7 @@ class EncodedSample:
     input_ids: torch.Tensor  # (L,) long, image tokens expanded
     labels: torch.Tensor  # (L,) long, IGNORE_INDEX outside assistant turns
     prompt_positions: torch.Tensor  # (num_images,) index of each image's prompt token
-    pixel_values: torch.Tensor | None = None  # (num_images, 3, S, S)
+    pixel_values: torch.Tensor | None = None  # (num_images, 3, S, S): uint8 (normalised on the GPU) or float
     boxes: torch.Tensor | None = None  # (num_images, 4) in [0, 1] (x1, y1, x2, y2); NaN rows: no box
     id: str = ""
     index: int = -1
@@ -74,8 +74,9 @@ class SampleEncoder:
     """Tokenize, label and expand samples for one processor and one training look-close budget."""
 
     def __init__(self, processor, max_length: int, look_close: dict[str, Any] | None = None,
-                 load_images: bool = True):
+                 load_images: bool = True, uint8_pixels: bool = False):
         self.processor = processor
+        self.uint8_pixels = uint8_pixels  # leave normalisation to the training step (on the GPU)
         self.tokenizer = processor.tokenizer
         self.max_length = int(max_length)
         self.look_close = dict(look_close or {})
@@ -185,7 +186,8 @@ class SampleEncoder:
         if not sample.images or not self.load_images:
             return encoded
         images = self.open_images(sample)
-        encoded.pixel_values = torch.stack([self.processor.image_processor.to_tensor(im) for im in images])
+        ip = self.processor.image_processor
+        encoded.pixel_values = torch.stack([(ip.to_uint8 if self.uint8_pixels else ip.to_tensor)(im) for im in images])
         encoded.boxes = normalized_boxes(sample.boxes, [im.size for im in images])
         return encoded
 

@@ -74,13 +74,21 @@ class PS3ImageProcessor(BaseImageProcessor):
 
     def to_tensor(self, image) -> torch.Tensor:
         """One image (any supported source) -> normalised (3, H, W) float tensor at ``image_size``."""
+        return self.normalize(self.to_uint8(image))
+
+    def to_uint8(self, image) -> torch.Tensor:
+        """One image -> resized (3, H, W) uint8 tensor: a quarter of the float tensor's bytes to collate, pin and
+        copy to the GPU, where :meth:`normalize` finishes the job (training data does this)."""
         img = load_image(image, max_pixels=self.max_pixels)
         height, width = self.image_size
         img = squash_resize(img, width, height, _RESAMPLE[self.interpolation])
-        array = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (array - mean) / std
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., 3, H, W) uint8 -> float32 model input ``(x / 255 - mean) / std``, on the tensor's device."""
+        mean = torch.tensor(self.mean).view(3, 1, 1).to(pixels.device, non_blocking=True)
+        std = torch.tensor(self.std).view(3, 1, 1).to(pixels.device, non_blocking=True)
+        return (pixels.float() / 255.0 - mean) / std
 
     def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
         if not isinstance(images, (list, tuple)):
