@@ -101,3 +101,51 @@ def test_low_res_cuda_graph_replays_the_eager_pass():
     with torch.enable_grad():  # autograd never replays a graph
         enc.encode_low_res(x.bfloat16())
     assert len(enc._low_res_graphs) == 1
+
+
+@torch.no_grad()
+def test_segment_attention_on_cuda_matches_the_masked_path():
+    from vila_hd.model.attention import segment_attention, segment_table
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 12, 700, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 700, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    segments = (((0, 300), (300, 650)), ((0, 700),))
+    ours, _ = segment_attention(torch.nn.Module(), q, k, v, None, segments=segment_table(segments))
+    for r, spans in enumerate(segments):
+        for start, end in spans:
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[r:r + 1, :, start:end], k[r:r + 1, :, start:end].repeat_interleave(6, 1),
+                v[r:r + 1, :, start:end].repeat_interleave(6, 1), is_causal=True).transpose(1, 2)
+            torch.testing.assert_close(ours[r:r + 1, start:end], ref, rtol=2e-2, atol=2e-2)
+
+
+def test_the_training_forward_and_look_close_never_synchronise_on_cuda(tmp_path):
+    """What tests/test_train_step.py counts on the CPU, checked by CUDA itself: torch raises on any operation that
+    waits for the device (including blocking copies from the host)."""
+    from train_helpers import step_samples
+
+    from train.data.collate import Collator
+    from train.model_step import VilaHDTrainStep
+    from train.trainer import _to_device
+    from vila_hd.model.tiny import build_tiny_model
+
+    model, processor = build_tiny_model("tiny", seed=3)
+    model = model.cuda().train()
+    look = {"num_look_close": 2}
+    low_res = model.image_token_layout((448, 448), **look).num_low_res_tokens
+    collate = Collator(processor.tokenizer.pad_token_id, (448, 448), 2048, packing=True,
+                       image_token_id=processor.image_token_id, low_res_tokens=low_res)
+    batch = _to_device(collate(step_samples(processor, tmp_path, look, uint8_pixels=True)), torch.device("cuda"))
+    step = VilaHDTrainStep(model, look, normalize=processor.image_processor.normalize)
+    enc = model.vision_tower.vision_model
+    pixels = torch.randn(2, 3, 448, 448, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step(batch)
+        with torch.no_grad():
+            enc.look_close(enc.encode_low_res(pixels), num_look_close=2, prompt=torch.randn(2, enc.width, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out["lm"]).item()
