@@ -103,9 +103,10 @@ class EnginePredictor:
             out = model(**prefix, look_close_mode=settings.look_close_mode, use_cache=True, logits_to_keep=1)
         cache = out[CACHE_FIELD]
         first = out.logits[0, -1:].float()  # predicts the first continuation token
+        head = processor.tokenizer(prefix_text, add_special_tokens=False).input_ids
         results = []
         for continuation in continuations:
-            targets = self._continuation_ids(messages, prefix_text, continuation).to(engine.input_device)
+            targets = self._continuation_ids(messages, prefix_text, head, continuation).to(engine.input_device)
             with torch.inference_mode():
                 step = model(input_ids=targets[None], cache=cache, use_cache=True)
             crop_cache(cache, n_prefix)
@@ -115,8 +116,9 @@ class EnginePredictor:
             results.append((total, int(targets.numel()), greedy))
         return results
 
-    def _continuation_ids(self, messages: list[dict], prefix_text: str, continuation: str):
-        """Token ids the answered chat adds after the generation prompt (the answer and its end of turn)."""
+    def _continuation_ids(self, messages: list[dict], prefix_text: str, head: list[int], continuation: str):
+        """Token ids the answered chat adds after the generation prompt (``prefix_text``, tokenised as ``head``):
+        the answer and its end of turn."""
         import torch
 
         processor = self.engine.processor
@@ -125,9 +127,7 @@ class EnginePredictor:
         if not full_text.startswith(prefix_text):
             raise ValueError("the chat template renders the answer turn differently from the generation prompt; "
                              "likelihood scoring needs the prompt to be a prefix of the answered chat")
-        tokenize = processor.tokenizer
-        head = tokenize(prefix_text, add_special_tokens=False).input_ids
-        ids = tokenize(full_text, add_special_tokens=False).input_ids
+        ids = processor.tokenizer(full_text, add_special_tokens=False).input_ids
         if len(ids) <= len(head) or ids[: len(head)] != head:
             raise ValueError(f"the continuation {continuation!r} does not tokenise as an extension of the prompt")
         return torch.tensor(ids[len(head):], dtype=torch.long)

@@ -78,6 +78,11 @@ def compile_pretraining_blocks(model: nn.Module, settings: Any) -> list[str]:
     return compile_stacks(stacks, settings)
 
 
+def describe(compiled: list[str], settings: Any) -> str:
+    """The line a run prints about what :func:`compile_blocks` / :func:`compile_pretraining_blocks` compiled."""
+    return f"torch.compile ({settings.backend}, mode={settings.mode}): {'; '.join(compiled)}"
+
+
 def compile_stacks(stacks: dict[str, nn.ModuleList], settings: Any) -> list[str]:
     """Compile every block of each named stack; one summary line per stack."""
     if getattr(settings, "recompile_limit", None) is not None:

@@ -22,6 +22,13 @@ def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def target_positions(target_ids: torch.Tensor) -> torch.Tensor:
+    """(2, N) row / column of every target token (not ``-100``), row-major; ``(0, 0)`` when there is none, so the
+    LM head always runs (ZeRO-3 lockstep)."""
+    found = (target_ids != IGNORE_INDEX).nonzero().T
+    return found.contiguous() if found.numel() else torch.zeros(2, 1, dtype=torch.long, device=target_ids.device)
+
+
 def box_maps(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(N, 4) normalised boxes (x1, y1, x2, y2) -> (N, h, w) 0/1 maps: 1 where a patch overlaps the box.
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from train.config import LLM_ATTENTION
 from train.data.prefix import PrefixPlan, prefix_plan
-from train.losses import IGNORE_INDEX, lm_loss_sum, selection_loss
+from train.losses import lm_loss_sum, selection_loss, target_positions
 from vila_hd.model.attention import NO_MASKS, SEGMENT_ATTENTION, register_segment_attention, supports_segments
 
 
@@ -160,12 +160,9 @@ def _prefix_plan(batch: dict[str, Any], rows: torch.Tensor, cols: torch.Tensor, 
 def _target_positions(batch: dict[str, Any], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of every target token, row-major; (0, 0) when there is none, so the LM head always runs."""
     found = batch.get("target_positions")
-    if found is not None:
-        return found[0], found[1]
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    if rows.numel() == 0:
-        rows = cols = torch.zeros(1, dtype=torch.long, device=targets.device)
-    return rows, cols
+    if found is None:
+        found = target_positions(targets)
+    return found[0], found[1]
 
 
 def use_segment_attention(llm: nn.Module, choice: str) -> bool:

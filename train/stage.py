@@ -277,6 +277,7 @@ class StageRun:
 
 def run_stage(config: StageConfig, resume: bool = True, until: int | None = None) -> StageRun:
     """Train one stage to the end (or to step ``until``, see ``Trainer.train``)."""
+    from train.compile import describe
     from train.flops import FlopsModel
     from train.model_step import VilaHDTrainStep
     from train.trainer import Trainer, TrainerHooks, TrainerSettings, init_distributed
@@ -317,8 +318,7 @@ def run_stage(config: StageConfig, resume: bool = True, until: int | None = None
         for part, (n_train, n_total) in sorted(trainable_summary(model if peft_model is None else peft_model).items()):
             print(f"{part:>14}: {n_train:>13,} / {n_total:>13,} trainable", flush=True)
         if compiled:
-            print(f"torch.compile ({config.compile.backend}, mode={config.compile.mode}): {'; '.join(compiled)}",
-                  flush=True)
+            print(describe(compiled, config.compile), flush=True)
             if (ds_template.get("zero_optimization") or {}).get("stage") == 3:
                 print("warning: compile with ZeRO-3: DeepSpeed's parameter-gathering hooks (compiler-disabled) break "
                       "each compiled block into pieces; it trains correctly but gains little (ZeRO-2 keeps blocks whole)",

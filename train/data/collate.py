@@ -26,6 +26,7 @@ import torch
 from train.data.dataset import IGNORE_INDEX, EncodedSample, SkippedSample
 from train.data.packing import pack
 from train.data.prefix import prefix_plan
+from train.losses import target_positions
 from vila_hd.model.attention import segment_table
 
 
@@ -62,8 +63,7 @@ class Collator:
         the GPU step never waits for them: (2, N) row/column of every image token (row-major, as
         ``nonzero`` orders them), the (2, N) row/column of every target token (at least one) and, given
         the low-res tokens per image, the top-down prefix pass's plan (:mod:`train.data.prefix`)."""
-        targets = (batch["target_ids"] != IGNORE_INDEX).nonzero().T
-        plan = {"target_positions": targets.contiguous() if targets.numel() else torch.zeros(2, 1, dtype=torch.long)}
+        plan = {"target_positions": target_positions(batch["target_ids"])}
         if self.image_token_id is None:
             return plan
         plan["image_positions"] = found = (batch["input_ids"] == self.image_token_id).nonzero().T.contiguous()
@@ -126,4 +126,3 @@ class Collator:
             "segments": segment_table(segments),  # (row, start, end) of each sample; stays on the host
             "num_tokens": int(sum(seq_lengths)),
         }
-

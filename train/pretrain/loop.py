@@ -116,12 +116,11 @@ def build_model(config: PretrainConfig) -> PS3ForPretraining:
         model.train_only_selection()
     model.set_gradient_checkpointing(m.gradient_checkpointing)
     if config.compile.enabled:
-        from train.compile import compile_pretraining_blocks
+        from train.compile import compile_pretraining_blocks, describe
 
         compiled = compile_pretraining_blocks(model, config.compile)
         if _rank() == 0:
-            print(f"torch.compile ({config.compile.backend}, mode={config.compile.mode}): {'; '.join(compiled)}",
-                  flush=True)
+            print(describe(compiled, config.compile), flush=True)
     return model
 
 
@@ -225,7 +224,8 @@ def pretrain_flops(model: PS3ForPretraining, context_length: int | None = None) 
     factor = 2.0 if not model.contrastive else 6.0
     step = model.tokens_per_step or sum(vision.budget_each_scale)
     selected = step if model.contrastive else 0
-    def model(selected: int) -> FlopsModel:
+
+    def counting(selected: int) -> FlopsModel:
         return FlopsModel(
             llm_params=int(txt), llm_layers=text.layers, llm_width=text.width, vision_params=int(vis),
             vision_layers=vision.num_hidden_layers, vision_width=vision.hidden_size,
@@ -233,7 +233,7 @@ def pretrain_flops(model: PS3ForPretraining, context_length: int | None = None) 
             vision_factor=factor,
         )
 
-    flops, low_only = model(selected), model(0)
+    flops, low_only = counting(selected), counting(0)
     length = context_length or text.context_length
 
     def batch_flops(batch: dict) -> float:

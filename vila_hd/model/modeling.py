@@ -51,10 +51,10 @@ VILA_MODEL_TYPES = ("llava_topdown_llama", "llava_llama", "llava")
 AUTO_REUSE_MIN_SHARED_FRACTION = 0.15
 
 
-# transformers renamed the cache field of model outputs from ``past_key_values`` to ``cache`` (5.2x) and
-# its ``generate`` reads only the current name: declare the output with the name this version uses.
 # Generation inputs with one row per image rather than per sample.
 _PER_IMAGE_INPUTS = ("pixel_values", "gt_selection_maps")
+# transformers renamed the cache field of model outputs from ``past_key_values`` to ``cache`` (5.2x) and
+# its ``generate`` reads only the current name: declare the output with the name this version uses.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 if CACHE_FIELD == "cache":
@@ -704,12 +704,13 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         """Image rows for samples repeated ``expand_size`` times each: [s0's images] x n, [s1's images] x n, ..."""
         if input_ids is None:
             raise ValueError("pixel_values need input_ids with image placeholders to expand for generation")
-        tokens = int((input_ids == self._image_token_id()).sum())
+        per_row = (input_ids == self._image_token_id()).sum(1)
+        tokens = int(per_row.sum())
         if num_images == 0 or tokens == 0 or tokens % num_images:
             raise ValueError(
                 f"input_ids hold {tokens} image tokens: not a whole, non-zero number per image for {num_images} image(s)"
             )
-        counts = ((input_ids == self._image_token_id()).sum(1) // (tokens // num_images)).tolist()
+        counts = (per_row // (tokens // num_images)).tolist()
         starts = [sum(counts[:i]) for i in range(len(counts))]
         order = [idx for start, n in zip(starts, counts) for _ in range(expand_size) for idx in range(start, start + n)]
         return torch.tensor(order, dtype=torch.long)
