@@ -297,3 +297,144 @@ def normalize_vqa_answer(answer: str) -> str:
     words = [_VQA_NUMBERS.get(w, w) for w in text.split()]
     words = [VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES]
     return " ".join(words)
+
+
+# --- the official extraction rules of other scorers ---------------------------------------------------------
+# Each reproduces one published function's behaviour, quirks included; the docstring names the source and
+# docs/evaluation.md the commit it was read at.
+_VSTAR_PATTERNS = (
+    re.compile(r"^([A-D])\s*[.)\]]*"),  # the reply starts with A-D (after upper-casing: "A man" and "Answer" too)
+    re.compile(r"(?:THE\s+)?(?:ANSWER|CHOICE|OPTION)(?:\s+IS)?[\s:]+([A-D])"),
+    re.compile(r"\(([A-D])\)"),
+    re.compile(r"([A-D])\s*(?:\.|\)|])"),  # any A-D before ".", ")" or "]" ("IS RED." reads as D)
+    re.compile(r"(?:^|\s)([A-D])(?:\s|$)"),
+)
+
+
+def lmms_eval_vstar_letter(reply: str) -> str | None:
+    """The letter lmms-eval's ``vstar_bench`` task reads (``extract_answer_letter`` in
+    ``lmms_eval/tasks/vstar_bench/utils.py``), or ``None``.
+
+    The reply is stripped and upper-cased first, so every rule sees capitals: a reply starting with A-D gives
+    that letter ("Answer: C" and "A man ..." read as A, "Based ..." as B, "Dark red" as D); then "ANSWER /
+    CHOICE / OPTION (IS) X"; then "(X)"; then the first A-D followed by ``.``, ``)`` or ``]`` anywhere ("the
+    car is red." reads as D); then a standalone A-D; then a reply whose only A-D character is one letter.
+    Only A-D count, whatever the question's options are.
+    """
+    text = str(reply).strip().upper()
+    for pattern in _VSTAR_PATTERNS:
+        match = pattern.search(text)
+        if match:
+            return match.group(1)
+    letters = re.findall(r"[A-D]", text)
+    return letters[0] if len(letters) == 1 else None
+
+
+_VLMEVALKIT_REJECTIONS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                          "I'm sorry, but without the image provided", "Cannot determine the answer")
+_VLMEVALKIT_VERBOSE = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def vlmevalkit_can_infer(reply: str, options: Mapping[str, str]) -> str | None:
+    """The option VLMEvalKit's exact matching reads (``can_infer`` in ``vlmeval/utils/matching_util.py``):
+    a letter of ``options``, ``"Z"`` (refused / "Z" answered) or ``None``.
+
+    Letter step: ``.()[],:;!*#{}`` become spaces and the reply is split on whitespace; when exactly one of the
+    option letters is a token (case-sensitive: a lower-case "b" is not one) and its first occurrence is among
+    the last 4 tokens, that letter; no letter token but a "Z" token gives Z; then "(correct) answer is X"
+    (any case, A-D). Text step: the reply, lower-cased and at most twice as long as all option texts together,
+    contains exactly one option text (lower-cased, as a substring).
+    """
+    answer = str(reply)
+    if "Failed to obtain answer via API" in answer:
+        return None
+    if any(err in answer for err in _VLMEVALKIT_REJECTIONS):
+        return "Z"
+    tokens = re.sub(r"[.()\[\],:;!*#{}]", " ", answer).split()
+    present = [letter for letter in options if letter in tokens]
+    if len(present) == 1 and tokens.index(present[0]) > len(tokens) - 5:
+        return present[0]
+    if not present and "Z" in tokens:
+        return "Z"
+    verbose = _VLMEVALKIT_VERBOSE.search(answer)
+    if verbose and verbose.group(1).upper() in options:
+        return verbose.group(1).upper()
+    return _vlmevalkit_text(answer.lower(), options)
+
+
+def _vlmevalkit_text(answer: str, options: Mapping[str, str]) -> str | None:
+    if len(answer) > 2 * sum(len(str(v)) for v in options.values()):
+        return None
+    texts = {k: str(v).lower() for k, v in options.items()}
+    found = [k for k, v in texts.items() if v in answer]
+    return found[0] if len(found) == 1 else None
+
+
+_MCQ_PHRASES = ("the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+                "best answer is", "the correct option is", "correct option is", "the best option is",
+                "best option is", "the choice is", "choice is", "the correct choice is", "correct choice is",
+                "i choose", "i select", "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:",
+                "答案是", "答案为", "选", "答えは")
+_MCQ_MARKS = (("({})", 6), ("{}.", 5), ("{}:", 4), ("{})", 3), ("{} ", 2))
+
+
+def lmms_eval_mcq_letter(reply: str, letters: str = "ABCDEFGH") -> str:
+    """The letter of lmms-eval's shared extractor (``extract_mcq_answer`` in
+    ``lmms_eval/tasks/_task_utils/mcq_extract.py``), or ``""``.
+
+    Every way a letter can appear is a candidate with a priority: the reply starts with the letter (not
+    followed by a letter) 10, ends with it 9, after an answer phrase ("the answer is", "I choose", ...) 7,
+    ``(X)`` 6, ``X.`` 5, ``X:`` 4, ``X)`` 3, ``X `` 2; without any, the last occurrence of a letter anywhere
+    0. The highest priority wins, then the later position. Case-sensitive except for the phrases.
+    """
+    if not reply or not str(reply).strip():
+        return ""
+    text = str(reply).strip()
+    for char in ",.!?;:'\"":
+        text = text.strip(char)
+    text = f" {text} "
+    candidates = []
+    for mark, priority in _MCQ_MARKS:
+        candidates += [(priority, text.rfind(mark.format(c)), c) for c in letters if mark.format(c) in text]
+    lower = text.lower()
+    for phrase in _MCQ_PHRASES:
+        at = lower.find(phrase)
+        if at != -1:
+            after = at + len(phrase)
+            candidates += [(7, text.find(c, after), c) for c in letters if text.find(c, after) != -1]
+    stripped = text.strip()
+    for c in letters:
+        if stripped.startswith(c) and (len(stripped) == 1 or not stripped[1].isalpha()):
+            candidates.append((10, 0, c))
+        if stripped.endswith(c) and (len(stripped) == 1 or not stripped[-2].isalpha()):
+            candidates.append((9, len(text) - 1, c))
+    if not candidates:
+        candidates = [(0, text.rfind(c), c) for c in letters if c in text]
+    return max(candidates, key=lambda cand: (cand[0], cand[1]))[2] if candidates else ""
+
+
+_NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                 "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_QUESTION_CHOICE = re.compile(r"\b([A-Z])\.\s+([^\n]*)")
+
+
+def realworldqa_legacy_prediction(reply: str, question: str) -> str:
+    """What lmms-eval's former ``realworldqa`` filters made of a reply (its ``flexible-extract`` filter list:
+    ``NumberWordsToDigitsFilter`` then ``MultiChoiceRegexFilter``, ``lmms_eval/tasks/realworldqa/utils.py``
+    before commit 9ca4445), which was then compared with the answer lower-cased and stripped of a final ".".
+
+    A reply that is a number word becomes its digit; punctuation is removed; the option texts listed in
+    the question as ``X. text`` lines are searched in the cleaned reply (case-sensitive substrings, in
+    listing order at each position, so "Not sure" contains the option "No"); a found text gives the letter
+    of its line counted from A, else the cleaned reply is the prediction.
+    """
+    text = str(reply)
+    text = _NUMBER_WORDS.get(text.lower(), text)
+    cleaned = re.sub(r"[^\w\s]", "", text).strip()
+    letters: dict[str, str] = {}
+    for i, (_, choice) in enumerate(_QUESTION_CHOICE.findall(str(question))):
+        letters[choice.strip()] = chr(ord("A") + i)
+    if not letters:
+        return cleaned
+    match = re.search("|".join(re.escape(t) for t in letters), cleaned)
+    return letters[match.group()] if match and match.group() in letters else cleaned

@@ -13,18 +13,18 @@ docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from eval.benchmarks import ALIASES, BENCHMARKS, FormatError, build_benchmark
+from eval.benchmarks.base import ANSWER_PARSERS
+from eval.replies import REPLY_FORMATS, load_replies, read_replies  # noqa: F401  (read_replies: public here)
 from vila_hd.cli import positive_int
 
 GENERATION_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                      "top_k": "top_k", "steps": "steps", "tokens": "tokens", "mode": "mode"}
-REPLY_KEYS = ("prediction", "text", "response", "output", "answer")
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
@@ -53,13 +53,22 @@ def build_eval_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                      help="samples answered per generate call (generate mode; a failing batch is redone sample by "
                           "sample) (default: %(default)s)")
+    run.add_argument("--answer-parser", choices=ANSWER_PARSERS, default="official",
+                     help="how a multiple-choice reply's letter is read: the benchmark's official scorer's rule, "
+                          "or this project's robust parser (docs/evaluation.md) (default: %(default)s)")
     run.add_argument("--retry-errors", action="store_true", help="redo samples that failed in an earlier run")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     model = parser.add_argument_group("model (or --replies)")
     model.add_argument("--model", metavar="DIR_OR_HUB_ID", help="checkpoint directory or Hub id")
     model.add_argument("--replies", metavar="FILE",
-                       help="score saved replies instead of running a model: JSONL of {id, prediction} "
-                            "(a samples.jsonl of an earlier run works)")
+                       help="score saved replies instead of running a model: JSONL of {id, prediction} (a "
+                            "samples.jsonl of an earlier run), an lmms-eval samples log, a VLMEvalKit result "
+                            "xlsx/tsv, MME-RealWorld's results JSON or LLaVA's answer JSONL")
+    model.add_argument("--replies-format", choices=REPLY_FORMATS, default="auto",
+                       help="the --replies file's format (default: detected from its content)")
+    model.add_argument("--allow-missing", action="store_true",
+                       help="with --replies, score questions without a reply as wrong (counted in the summary) "
+                            "instead of refusing the run")
     model.add_argument("--adapter", metavar="DIR_OR_HUB_ID", help="LoRA adapter to apply on --model")
     model.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda:LOCAL_RANK under torchrun, else auto)")
     model.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
@@ -85,17 +94,17 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         budgets = parse_budgets(args.sweep) if args.sweep else None
         options = _key_values(args.bench_options)
         benchmark = build_benchmark(args.benchmark, args.data, image_root=args.image_root,
-                                    instruction=args.instruction, **options)
+                                    instruction=args.instruction, answer_parser=args.answer_parser, **options)
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
     try:
         benchmark.samples()  # a malformed file fails here, before a model is loaded
-        predictor, replies, run_info = _model_or_replies(args)
+        predictor, replies, run_info = _model_or_replies(args, benchmark)
         if predictor is None and replies is None:
             return 1
         common = dict(predictor=predictor, replies=replies, limit=args.limit, mc_mode=args.mc_mode,
                       retry_errors=args.retry_errors, run_info=run_info, progress=not args.no_progress,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, allow_missing=args.allow_missing)
         generation = generation_dict(args)
         if budgets:
             result = run_sweep(benchmark, args.output, budgets, generation=generation, **common)
@@ -119,9 +128,10 @@ def generation_dict(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, attr) for name, attr in GENERATION_FIELDS.items() if getattr(args, attr) is not None}
 
 
-def _model_or_replies(args: argparse.Namespace):
+def _model_or_replies(args: argparse.Namespace, benchmark):
     if args.replies:
-        return None, read_replies(args.replies), {"replies_file": os.path.abspath(args.replies)}
+        replies = load_replies(args.replies, benchmark, args.replies_format)
+        return None, replies, {"replies_file": os.path.abspath(args.replies)}
     from eval.predictor import EnginePredictor
     from vila_hd.cli import load_engine
 
@@ -134,24 +144,6 @@ def _model_or_replies(args: argparse.Namespace):
     if engine is None:
         return None, None, None
     return EnginePredictor(engine), None, {"model": args.model, "adapter": args.adapter}
-
-
-def read_replies(path: str) -> dict[str, str]:
-    """``{id: reply}`` from a JSONL with ``id`` and one of ``prediction`` / ``text`` / ``response`` / ``output``."""
-    replies = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise FormatError(f"{path} line {number} is not valid JSON: {err}") from None
-            key = next((k for k in REPLY_KEYS if isinstance(record, dict) and isinstance(record.get(k), str)), None)
-            if key is None or "id" not in record:
-                raise FormatError(f"{path} line {number}: expected an object with 'id' and one of {REPLY_KEYS}")
-            replies[str(record["id"])] = record[key]
-    return replies
 
 
 def _key_values(items: Sequence[str]) -> dict[str, str]:

@@ -66,6 +66,7 @@ def run_benchmark(
     run_info: Mapping[str, Any] | None = None,
     progress: bool = True,
     batch_size: int = 1,
+    allow_missing: bool = False,
 ) -> dict[str, Any] | None:
     """Evaluate ``benchmark`` into ``output_dir`` (see the module docstring) and return the summary, or
     ``None`` when another process of a sharded run will write it.
@@ -82,6 +83,8 @@ def run_benchmark(
         batch_size: samples answered per ``predict_batch`` call in generate mode (the predictor must have it;
             a failing batch is redone one sample at a time, so one bad sample fails alone; a batched
             sample's ``latency_s`` is the batch's time over its size). Records are written batch by batch.
+        allow_missing: with ``replies``, score questions without a reply as wrong (a failed record, counted as
+            ``missing_replies`` in the summary) instead of refusing the run (:class:`MissingRepliesError`).
     """
     if (predictor is None) == (replies is None):
         raise ValueError("give exactly one of predictor (a model) or replies (saved answers by sample id)")
@@ -99,6 +102,9 @@ def run_benchmark(
         rank, world_size = distributed_rank_world()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size} process(es)")
+    samples = benchmark.samples()[:limit] if limit else benchmark.samples()
+    if replies is not None and not allow_missing:
+        check_replies(samples, replies)
 
     out = Path(output_dir)
     parts = out / "parts"
@@ -109,7 +115,6 @@ def run_benchmark(
     marker = parts / f"rank{rank}.done"
     marker.unlink(missing_ok=True)
 
-    samples = benchmark.samples()[:limit] if limit else benchmark.samples()
     own_part = parts / f"rank{rank}.jsonl"
     clean_part(own_part)
     done = {rid for rid, rec in read_parts(parts).items() if not (retry_errors and "error" in rec)}
@@ -135,6 +140,20 @@ def run_benchmark(
     if not all_ranks_done(parts, world_size):
         return None
     return write_summary(benchmark, out, samples, settings)
+
+
+class MissingRepliesError(ValueError):
+    """Saved replies do not cover every question of the run."""
+
+
+def check_replies(samples: Sequence[Sample], replies: Mapping[str, str]) -> None:
+    """Refuse replies that leave questions unanswered (the message counts them and names the first few)."""
+    missing = [s.id for s in samples if s.id not in replies]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise MissingRepliesError(f"{len(missing)} of {len(samples)} questions have no saved reply ({shown}); check "
+                                  "that the replies file is of this benchmark, or pass --allow-missing to score "
+                                  "them as wrong")
 
 
 def evaluate_batch(benchmark: Benchmark, samples: Sequence[Sample], *, predictor: BatchPredictor,
@@ -204,6 +223,7 @@ def evaluate_sample(benchmark: Benchmark, sample: Sample, *, predictor: Predicto
         images = _load_images(record, sample, load=predictor is not None)
         if replies is not None:
             if sample.id not in replies:
+                record["missing_reply"] = True
                 raise KeyError(f"no saved reply for sample {sample.id!r}")
             prediction = Prediction(str(replies[sample.id]))
         elif mc_mode == "likelihood" and sample.is_multiple_choice:
@@ -354,6 +374,10 @@ def summarize(benchmark: Benchmark, records: Sequence[dict[str, Any]], settings:
                       "mean": _round(mean(latencies), 4)},
         "parse_rules": _count(r.get("parse_rule") for r in choice),
     }
+    if settings is not None and settings.get("replies"):
+        summary["missing_replies"] = sum(bool(r.get("missing_reply")) for r in records)
+    summary["answer_parser"] = getattr(benchmark, "answer_parser", None)
+    summary["official_scorer"] = getattr(benchmark, "official_scorer", None)
     summary.update(benchmark.extra_summary(records))
     if settings is not None:
         summary["settings"] = dict(settings)
@@ -376,7 +400,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         f"| mean selected high-res patches | {fmt(summary['selected_pct_mean'], '%')} |",
         f"| latency p50 / p95 | {fmt(latency.get('p50'), ' s')} / {fmt(latency.get('p95'), ' s')} |",
     ]
-    for extra in ("accuracy_official", "accuracy_fixed", "all_cycles_correct"):
+    for extra in ("answer_parser", "missing_replies", "accuracy_official", "accuracy_fixed", "all_cycles_correct"):
         if extra in summary:
             lines.append(f"| {extra.replace('_', ' ')} | {fmt(summary[extra])} |")
     for key, title in (("by_category", "category"), ("by_bucket", "resolution bucket"), ("by_cycle", "option cycle"),

@@ -6,9 +6,13 @@ import pytest
 
 from eval.answers import (
     VQA_CONTRACTIONS,
+    lmms_eval_mcq_letter,
+    lmms_eval_vstar_letter,
     mme_realworld_official_letter,
     normalize_vqa_answer,
     parse_choice,
+    realworldqa_legacy_prediction,
+    vlmevalkit_can_infer,
 )
 from eval.metrics import open_answer_score, percentile, vqa_soft_accuracy
 
@@ -103,6 +107,72 @@ def test_mme_realworld_official_rule_keeps_its_quirks():
     assert mme_realworld_official_letter("y", choices) == "B"  # reply text inside a choice
     many_words = "there is no way to tell which one of these it is from this picture"
     assert mme_realworld_official_letter(many_words, choices) == ""  # > 10 words and no capital A-E
+
+
+# lmms-eval's vstar_bench extract_answer_letter (EvolvingLMMs-Lab/lmms-eval, lmms_eval/tasks/vstar_bench/utils.py,
+# commit 75571cf): the reply is upper-cased, then the first matching pattern wins.
+VSTAR_LMMS_EVAL = [
+    ("B", "B"), ("(c)", "C"), ("b.", "B"),
+    ("Answer: B", "A"),  # "ANSWER: B" starts with A
+    ("A man holds it", "A"),
+    ("Based on the image, C", "B"),  # starts with B
+    ("The answer is C", "C"),  # "ANSWER IS C"
+    ("I think (D) fits", "D"),
+    ("The cup is red.", "D"),  # D followed by "."
+    ("It is the white one", None),  # no A-D at all
+    ("The glove is leather", "A"),  # the only A-D character
+    ("E", None),  # only A-D count
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("reply, letter", VSTAR_LMMS_EVAL)
+def test_lmms_eval_vstar_rule_keeps_its_quirks(reply, letter):
+    assert lmms_eval_vstar_letter(reply) == letter
+
+
+# VLMEvalKit can_infer (open-compass/VLMEvalKit, vlmeval/utils/matching_util.py, commit e8e78f0)
+CAN_INFER = [
+    ("B", "B"), ("(B) red", "B"), ("**C**", "C"),
+    ("b", None),  # a lower-case letter is not an option token, and "b" contains no option text
+    ("red", "B"),  # the text step
+    ("It must be the dark red one", None),  # "red" and "dark red" both inside: no single text
+    ("B is wrong but not as wrong as C", None),  # two option letters
+    ("The answer is C, because the tag on the left shows it clearly", "C"),  # C too early; "answer is C"
+    ("the answer is a red car", "A"),  # the verbose pattern is case-insensitive
+    ("Z", "Z"),
+    ("Cannot determine the answer", "Z"),
+]
+
+
+@pytest.mark.parametrize("reply, letter", CAN_INFER)
+def test_vlmevalkit_can_infer_keeps_its_quirks(reply, letter):
+    assert vlmevalkit_can_infer(reply, {"A": "blue", "B": "red", "C": "dark red", "D": "yellow"}) == letter
+
+
+# lmms-eval extract_mcq_answer (lmms_eval/tasks/_task_utils/mcq_extract.py, commit 75571cf)
+MCQ_LMMS_EVAL = [
+    ("B", "B"), ("(B).", "B"), ("The answer is (A).", "A"),
+    ("A is wrong, C is right", "A"),  # "starts with A" outranks everything
+    ("I pick D", "D"),  # ends with D (9)
+    ("Between B. and C.", "C"),  # same priority (period): the later one
+    ("Right.", ""), ("b", ""), ("", ""),
+]
+
+
+@pytest.mark.parametrize("reply, letter", MCQ_LMMS_EVAL)
+def test_lmms_eval_mcq_extractor(reply, letter):
+    assert lmms_eval_mcq_letter(reply, "ABCD") == letter
+
+
+def test_realworldqa_legacy_filters():
+    # lmms_eval/tasks/realworldqa/utils.py before commit 9ca4445: NumberWordsToDigitsFilter, MultiChoiceRegexFilter
+    question = "Is it on?\nA. Yes\nB. No\nPlease answer directly with only the letter of the correct option."
+    assert realworldqa_legacy_prediction("No.", question) == "B"
+    assert realworldqa_legacy_prediction("Not sure", question) == "B"  # "No" inside "Not"
+    assert realworldqa_legacy_prediction("yes", question) == "yes"  # case-sensitive search
+    assert realworldqa_legacy_prediction("Three", "How many?\nAnswer.") == "3"
+    assert realworldqa_legacy_prediction("(B)", "How many?") == "B"
 
 
 VQA_NORMALISATION = [

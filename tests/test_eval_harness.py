@@ -12,7 +12,7 @@ from PIL import Image
 
 from eval.benchmarks import build_benchmark
 from eval.cli import eval_main, read_replies
-from eval.harness import read_parts, run_benchmark
+from eval.harness import MissingRepliesError, read_parts, run_benchmark
 from eval.predictor import Prediction
 from eval.sweep import parse_budgets, run_sweep
 
@@ -238,6 +238,40 @@ def test_cli_scores_saved_replies(tmp_path, capsys):
     assert read_replies(str(tmp_path / "out" / "samples.jsonl"))["q1"] == "C"  # an output is a replies file
 
 
+def test_missing_replies_are_an_error_unless_allowed(tmp_path):
+    bench = make_jsonl(tmp_path, n=7)
+    replies = {"q0": "A", "q1": "B"}
+    with pytest.raises(MissingRepliesError, match=r"5 of 7 questions have no saved reply \('q2', 'q3', 'q4', 'q5', "
+                                                  r"'q6'\); .* --allow-missing"):
+        run_benchmark(bench, tmp_path / "out", replies=replies, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    summary = run_benchmark(bench, tmp_path / "out", replies=replies, progress=False, allow_missing=True)
+    assert summary["missing_replies"] == 5 and summary["errors"] == 5
+    assert summary["accuracy"] == pytest.approx(200 / 7, abs=0.01)  # the missing ones count as wrong
+    assert "| missing replies | 5 |" in (tmp_path / "out" / "summary.md").read_text()
+    limited = run_benchmark(bench, tmp_path / "limited", replies=replies, progress=False, limit=2)
+    assert limited["missing_replies"] == 0 and limited["accuracy"] == 100.0  # --limit: only those questions
+
+
+def test_cli_answer_parser_replies_format_and_allow_missing(tmp_path, capsys):
+    make_jsonl(tmp_path, n=3)
+    base = ["--benchmark", "jsonl", "--data", str(tmp_path / "bench.jsonl"), "--no-progress"]
+    log = tmp_path / "log.jsonl"  # an lmms-eval samples log, by content
+    log.write_text('{"doc_id": 0, "filtered_resps": ["A"]}\n{"doc_id": 1, "resps": [["I choose B."]]}\n')
+    assert eval_main(base + ["--replies", str(log), "--output", str(tmp_path / "o1")]) == 1
+    assert "1 of 3 questions have no saved reply ('q2')" in capsys.readouterr().err
+    assert eval_main(base + ["--replies", str(log), "--output", str(tmp_path / "o2"), "--allow-missing",
+                             "--answer-parser", "robust"]) == 0
+    summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    assert summary["missing_replies"] == 1 and summary["accuracy"] == pytest.approx(66.67)
+    assert summary["answer_parser"] == "robust" and summary["settings"]["answer_parser"] == "robust"
+    assert eval_main(base + ["--replies", str(log), "--replies-format", "llava", "--output",
+                             str(tmp_path / "o3")]) == 1
+    assert "a LLaVA answer line needs 'question_id' and 'text'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(base + ["--replies", str(log), "--answer-parser", "lenient", "--output", str(tmp_path / "o4")])
+
+
 def test_cli_errors(tmp_path, capsys):
     make_jsonl(tmp_path, n=2)
     data = str(tmp_path / "bench.jsonl")
@@ -259,12 +293,11 @@ def test_cli_errors(tmp_path, capsys):
 
 # --- the real engine on a tiny random model ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_predictor():
+def tiny_predictor(tiny):
     from eval.predictor import EnginePredictor
     from vila_hd.engine import Engine, GenerationOptions
-    from vila_hd.model.tiny import build_tiny_model
 
-    model, processor = build_tiny_model("tiny")
+    model, processor = tiny
     return EnginePredictor(Engine(model, processor, GenerationOptions(max_new_tokens=3)))
 
 

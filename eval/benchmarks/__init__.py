@@ -8,6 +8,7 @@ from eval.benchmarks.base import Benchmark, FormatError, Sample
 from eval.benchmarks.hrbench import HRBench
 from eval.benchmarks.jsonl import FourKProBenchmark, JsonlBenchmark
 from eval.benchmarks.mme_realworld import MMERealWorld
+from eval.benchmarks.realworldqa import RealWorldQA
 from eval.benchmarks.textvqa import TextVQA
 from eval.benchmarks.vstar import VStarBench
 
@@ -16,12 +17,13 @@ BENCHMARKS: dict[str, type[Benchmark]] = {
     "hrbench": HRBench,
     "mme-realworld": MMERealWorld,
     "textvqa": TextVQA,
+    "realworldqa": RealWorldQA,
     "4kpro": FourKProBenchmark,
     "jsonl": JsonlBenchmark,
 }
 ALIASES = {"hrbench4k": "hrbench", "hrbench8k": "hrbench", "hr-bench": "hrbench", "mme_realworld": "mme-realworld",
            "mmerealworld": "mme-realworld", "vstarbench": "vstar", "v*": "vstar", "custom": "jsonl",
-           "synthetic": "jsonl"}
+           "synthetic": "jsonl", "realworld-qa": "realworldqa", "rwqa": "realworldqa"}
 
 
 def build_benchmark(name: str, path: str, **kwargs: Any) -> Benchmark:

@@ -22,6 +22,7 @@ from eval.answers import option_map, parse_choice
 from eval.metrics import micro_accuracy, open_answer_score
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+ANSWER_PARSERS = ("official", "robust")
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
@@ -66,17 +67,23 @@ class Benchmark:
     """A benchmark runner: ``samples()`` from the publisher's files, ``score()`` of one reply, and the
     benchmark's own aggregate (``group_accuracy``, ``extra_summary``).
 
-    Subclasses set ``name`` and implement :meth:`load`."""
+    Subclasses set ``name`` and implement :meth:`load`. ``answer_parser`` picks how a reply's letter is read:
+    ``official`` (the rule of the scorer whose numbers papers report, :meth:`official_choice`; for our own
+    formats that is our parser) or ``robust`` (:func:`~eval.answers.parse_choice`)."""
 
     name = "benchmark"
     metric = "accuracy"  # what the headline number is
     instruction: str | None = None  # default instruction appended to multiple-choice prompts
+    official_scorer = "eval.answers.parse_choice (this project's format)"
 
     def __init__(self, path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
-                 instruction: str | None = None, **options: Any):
+                 instruction: str | None = None, answer_parser: str = "official", **options: Any):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.name}: {self.path} does not exist")
+        if answer_parser not in ANSWER_PARSERS:
+            raise ValueError(f"{self.name}: --answer-parser must be one of {ANSWER_PARSERS}, got {answer_parser!r}")
+        self.answer_parser = answer_parser
         self.image_root = Path(image_root) if image_root is not None else None
         if instruction is not None:
             self.instruction = instruction
@@ -109,17 +116,28 @@ class Benchmark:
         """What identifies this benchmark run (stored with the outputs; a resumed run must match)."""
         return {"benchmark": self.name, "data": str(self.path.resolve()), "instruction": self.instruction,
                 "image_root": None if self.image_root is None else str(self.image_root.resolve()),
-                **{k: v for k, v in sorted(self.options.items())}}
+                "answer_parser": self.answer_parser, **{k: v for k, v in sorted(self.options.items())}}
 
     # --- scoring ----------------------------------------------------------------------------------------
     def score(self, sample: Sample, reply: str) -> dict[str, Any]:
         """Fields added to the sample's record: ``parsed`` (letter or normalised answer), ``parse_rule``,
         ``score`` (0..1) and ``correct``."""
         if sample.is_multiple_choice:
-            return score_choice(sample, reply)
+            if self.answer_parser == "official":
+                letter, rule = self.official_choice(sample, reply)
+            else:
+                parsed = parse_choice(reply, sample.options)
+                letter, rule = parsed.letter, parsed.rule
+            correct = letter == sample.answer
+            return {"parsed": letter, "parse_rule": rule, "score": float(correct), "correct": correct}
         metric = sample.meta.get("metric", "exact")
         value = open_answer_score(reply, sample.answers or [sample.answer], metric)
         return {"parsed": None, "parse_rule": metric, "score": value, "correct": value >= 1.0}
+
+    def official_choice(self, sample: Sample, reply: str) -> tuple[str | None, str]:
+        """``(letter or None, rule name)`` as the benchmark's official scorer reads ``reply``."""
+        parsed = parse_choice(reply, sample.options)
+        return parsed.letter, parsed.rule
 
     def group_accuracy(self, records: Sequence[dict[str, Any]]) -> float | None:
         """The benchmark's accuracy over ``records`` (overall and for each group): micro mean by default."""
@@ -128,12 +146,6 @@ class Benchmark:
     def extra_summary(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Benchmark-specific parts of the summary."""
         return {}
-
-
-def score_choice(sample: Sample, reply: str) -> dict[str, Any]:
-    parsed = parse_choice(reply, sample.options)
-    correct = parsed.letter == sample.answer
-    return {"parsed": parsed.letter, "parse_rule": parsed.rule, "score": float(correct), "correct": correct}
 
 
 def format_choices(options: dict[str, str], style: str = "{letter}. {text}") -> str:

@@ -6,11 +6,14 @@ perception; ``cross`` = FCP, cross-instance perception), ``cycle_category`` (0-3
 repeated in every row; parquet may hold bytes). Columns are addressed by name. A short all-digit ``image``
 cell refers to the row with that ``index`` (the VLMEvalKit convention for repeated images).
 
-Circular evaluation: every question appears 4 times with its options rotated (``cycle_category`` 0-3).
-Every row is scored; accuracy is computed per cycle and the reported number is the **mean over the 4 cycles**
-(overall and per category), as HR-Bench and lmms-eval report it -- not MMBench's "all four right", which is
-given as ``all_cycles_correct`` for reference. Prompt: the question, ``A. ...`` lines, and "Answer the option
-letter directly." (lmms-eval).
+Scoring reproduces VLMEvalKit's ``HRBenchDataset.evaluate`` with ``exact_matching`` (the HR-Bench authors'
+own repository judges with an LLM instead): the letter is read by ``can_infer``
+(:func:`~eval.answers.vlmevalkit_can_infer`; ``answer_parser="robust"`` uses our parser), every row is
+scored, accuracy is computed within each ``cycle_category`` (``all``, ``single`` = FSP, ``cross`` = FCP) and
+the reported number is the **mean over the cycles** (``report_acc_hrbench``: the sum of the per-cycle
+accuracies over the number of cycles in the file). Every question appears 4 times with its options
+rotated; ``all_cycles_correct`` (right in every rotation, MMBench-style) is given for reference. Prompt:
+the question, ``A. ...`` lines, and "Answer the option letter directly." (lmms-eval).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
+from eval.answers import vlmevalkit_can_infer
 from eval.benchmarks.base import (
     Benchmark,
     FormatError,
@@ -39,6 +43,11 @@ class HRBench(Benchmark):
     name = "hrbench"
     metric = "mean accuracy over the 4 option cycles"
     instruction = "Answer the option letter directly."
+    official_scorer = "VLMEvalKit HRBenchDataset.evaluate (exact_matching: can_infer, report_acc_hrbench)"
+
+    def official_choice(self, sample: Sample, reply: str) -> tuple[str | None, str]:
+        letter = vlmevalkit_can_infer(reply, sample.options or {})
+        return (letter if letter in (sample.options or {}) else None), "can_infer"
 
     def load(self) -> list[Sample]:
         rows = read_records(self.path)
@@ -58,10 +67,11 @@ class HRBench(Benchmark):
             if not _present(cycle):
                 raise FormatError(f"{where}: missing 'cycle_category' (0-3); HR-Bench's circular evaluation needs it")
             image = self._image(row, by_index, cache, where)
+            rotation = (hashlib.sha1(image).hexdigest()[:16], str(row["question"]), tuple(sorted(options.values())))
             samples.append(Sample(
                 id=sample_id(row["index"]), images=[image], prompt=choice_prompt(row["question"], options, self.instruction),
                 question=str(row["question"]), answer=answer, options=options, category=row.get("category"),
-                meta={"cycle_category": int(float(cycle))},
+                meta={"cycle_category": int(float(cycle)), "rotation_group": _group_key(rotation)},
             ))
         return samples
 
@@ -87,13 +97,38 @@ class HRBench(Benchmark):
 
     def extra_summary(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         by_cycle = accuracy_by(records, lambda r: r.get("meta", {}).get("cycle_category"))
-        consistent = grouped(records, lambda r: (r.get("category"), r.get("question")))
-        all_right = mean(float(all(m.get("correct") for m in members)) for members in consistent.values())
+        rotations = grouped(records, lambda r: r.get("meta", {}).get("rotation_group") or r.get("question"))
+        all_right = mean(float(all(m.get("correct") for m in members)) for members in rotations.values())
         return {
             "by_cycle": by_cycle,
+            "report_acc_hrbench": report_acc_hrbench(records),
             "categories": {k: CATEGORY_NAMES.get(k, k) for k in sorted({str(r.get("category")) for r in records})},
             "all_cycles_correct": None if all_right is None else round(100 * all_right, 2),
         }
+
+
+def report_acc_hrbench(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """VLMEvalKit's table (percent): ``{cycle: {"all", "single", "cross"}}`` plus ``"Average"``, in which each
+    type's accuracy is summed over the cycles and divided by the number of cycles (a type missing from a
+    cycle adds 0 there, as in the official code)."""
+    table: dict[str, dict[str, float]] = {}
+    totals: dict[str, float] = {}
+    cycles = grouped(records, lambda r: r.get("meta", {}).get("cycle_category"))
+    for cycle, members in sorted(cycles.items()):
+        row = {"all": micro_accuracy(members)}
+        row.update({str(k): micro_accuracy(v) for k, v in sorted(grouped(members, lambda r: r.get("category")).items(),
+                                                                key=lambda kv: str(kv[0]))})
+        for kind, value in row.items():
+            totals[kind] = totals.get(kind, 0.0) + value
+        table[str(cycle)] = {kind: round(100 * value, 2) for kind, value in row.items()}
+    if cycles:
+        table["Average"] = {kind: round(100 * total / len(cycles), 2) for kind, total in totals.items()}
+    return table
+
+
+def _group_key(rotation: tuple) -> str:
+    """A short stable key of (image, question, option set): the rows of one question's rotations."""
+    return hashlib.sha1(repr(rotation).encode()).hexdigest()[:16]
 
 
 def _present(value: Any) -> bool:

@@ -5,8 +5,9 @@ lines + instruction, ``category``, ``question_id``, ``label`` letter) and the fo
 and ``relative_position/`` holding ``sa_N.jpg`` + ``sa_N.json`` (``question``, ``options`` with the correct
 option first, ``target_object``, ``bbox``). 191 questions (115 + 76; relative_position has two options).
 
-Generative scoring (lmms-eval's): the prompt is ``text`` as published, the reply's letter is compared with
-``label``. The paper's own protocol is likelihood-based (the option with the lowest mean LM loss as the
+Generative scoring: the prompt is ``text`` as published; the reply's letter, read by lmms-eval's
+``vstar_bench`` rule (:func:`~eval.answers.lmms_eval_vstar_letter`, quirks included; ``answer_parser="robust"``
+uses :func:`~eval.answers.parse_choice` instead), is compared with ``label``. The paper's own protocol is likelihood-based (the option with the lowest mean LM loss as the
 answer after the bare question): run with ``--mc-mode likelihood``. Overall = micro mean over all questions.
 
 Without ``test_questions.jsonl`` the questions come from the per-image JSON files, with the options put in a
@@ -20,6 +21,7 @@ import random
 import re
 import string
 
+from eval.answers import lmms_eval_vstar_letter
 from eval.benchmarks.base import Benchmark, FormatError, Sample, choice_prompt, read_jsonl, require
 
 CATEGORIES = ("direct_attributes", "relative_position")
@@ -30,6 +32,10 @@ _INSTRUCTION = "Answer with the option's letter from the given choices directly.
 class VStarBench(Benchmark):
     name = "vstar"
     instruction = _INSTRUCTION
+    official_scorer = "lmms-eval vstar_bench extract_answer_letter"
+
+    def official_choice(self, sample: Sample, reply: str) -> tuple[str | None, str]:
+        return lmms_eval_vstar_letter(reply), "lmms-eval"
 
     def load(self) -> list[Sample]:
         root = self.path.parent if self.path.is_file() else self.path
