@@ -142,6 +142,7 @@ CAN_INFER = [
     ("the answer is a red car", "A"),  # the verbose pattern is case-insensitive
     ("Z", "Z"),
     ("Cannot determine the answer", "Z"),
+    ("Failed to obtain answer via API: red", "B"),  # no letter step for API failures, but the text step runs
 ]
 
 
