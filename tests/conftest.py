@@ -15,6 +15,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+# --- the tiny VILA-HD ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """A directory holding the tiny random-weight VILA-HD (preset ``tiny``, seed 0) and its processor, written
+    once per session and shared by every test that loads it: load it, never write into it (copy it first)."""
+    from serving_helpers import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def tiny(request: pytest.FixtureRequest):
+    """``(model, processor)`` of the ``tiny`` preset, seeded with the module's ``TINY_SEED`` (default 0). Built
+    once per test module (a few ms), not per session: tests may train the model or change it in place."""
+    from vila_hd.model.tiny import build_tiny_model
+
+    return build_tiny_model("tiny", seed=getattr(request.module, "TINY_SEED", 0))
+
+
 # --- reliability counts (tests/reliability.py regenerates docs/reliability.md from them) ----------------------
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("reliability")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from PIL import Image
-from serving_helpers import rgb, save_tiny_checkpoint
+from serving_helpers import rgb
 
 from vila_hd import cli
 from vila_hd.chat import ChatSession, read_message
@@ -25,9 +25,9 @@ TIMING_KEYS = {"preprocess_s", "prefix_s", "encode_s", "prefill_s", "decode_s", 
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("chat")
-    save_tiny_checkpoint(root / "ckpt")
+    (root / "ckpt").symlink_to(tiny_checkpoint, target_is_directory=True)
     rgb(0, (320, 240)).save(root / "car.png")
     rgb(1, (200, 300)).save(root / "sign.png")
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from PIL import Image
-from serving_helpers import rgb, save_tiny_checkpoint
+from serving_helpers import rgb
 
 from vila_hd.engine import (
     Conversation,
@@ -27,10 +27,8 @@ QUESTION = "What color is the car?"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-vila-hd")
-    save_tiny_checkpoint(path)
-    return path
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

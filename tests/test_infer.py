@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from serving_helpers import rgb, save_tiny_checkpoint
+from serving_helpers import rgb
 
 from vila_hd import cli
 from vila_hd.engine import Engine, GenerationOptions
@@ -14,10 +14,8 @@ from vila_hd.infer import infer, read_done, read_items
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("infer-ckpt")
-    save_tiny_checkpoint(path)
-    return path
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

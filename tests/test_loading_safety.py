@@ -65,14 +65,7 @@ def test_the_planted_pickle_is_live(tmp_path):
     assert os.path.exists(marker)
 
 
-# --- checkpoints to plant into -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny():
-    from vila_hd.model.tiny import build_tiny_model
-
-    return build_tiny_model("tiny", seed=0)
-
-
+# --- checkpoints to plant into (`tiny`: conftest's tiny model, seed 0) --------------------------------------------
 def _replace_weights(directory: str, marker: str, name: str = "pytorch_model.bin", legacy: bool = False) -> None:
     for file in os.listdir(directory):
         if file.endswith(".safetensors") or file.endswith(".safetensors.index.json"):

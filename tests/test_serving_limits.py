@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from serving_helpers import save_tiny_checkpoint
 
 import vila_hd
 from vila_hd import cli
@@ -27,9 +26,9 @@ def rgb(seed: int, size=(64, 48)) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("limits")
-    save_tiny_checkpoint(root / "ckpt")
+    (root / "ckpt").symlink_to(tiny_checkpoint, target_is_directory=True)
     for i in range(3):
         rgb(i).save(root / f"img{i}.png")
     rgb(9, (400, 300)).save(root / "big.png")  # 120 000 pixels

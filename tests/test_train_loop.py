@@ -155,15 +155,12 @@ def test_lora_checkpoint_reload_and_merge(data, tmp_path):
         torch.testing.assert_close(chat_model(**inputs).logits, trained, rtol=1e-5, atol=1e-5)
 
 
-def test_finetune_lora_cli_on_a_custom_dataset_then_data_check_and_merge(data, tmp_path):
+def test_finetune_lora_cli_on_a_custom_dataset_then_data_check_and_merge(data, tmp_path, tiny_checkpoint):
     """The README's worked example on a tiny checkpoint: data check -> finetune-lora -> merge-lora -> chat."""
     from train.cli import data_main, finetune_lora_main, merge_lora_main
     from vila_hd.engine import load_model
 
-    base = str(tmp_path / "tiny")
-    model, processor = build_tiny_model("tiny")
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
+    base = str(tiny_checkpoint)
     media = os.path.join(os.path.dirname(data), "images")
     assert data_main(["check", data, "--media", media, "--model", base, "--num-look-close", "2"]) == 0
     out = str(tmp_path / "lora")

@@ -18,11 +18,7 @@ from vila_hd.host_syncs import count_host_syncs
 from vila_hd.model.tiny import build_tiny_model
 
 LOOK = {"num_look_close": 2}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_model("tiny", seed=3)
+TINY_SEED = 3  # the seed of conftest's `tiny` fixture here
 
 
 @pytest.fixture(scope="module")

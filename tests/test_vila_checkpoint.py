@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from llava_compat.convert import main as convert_main
 from llava_compat.vila_checkpoint import CheckpointError, is_vila_checkpoint, read_vila_config
 from vila_hd.model import VilaHDForConditionalGeneration
-from vila_hd.model.tiny import build_tiny_model
 from vila_hd.processing import VilaHDProcessor, write_chat_template
 
 
@@ -24,9 +23,7 @@ def rgb(seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (15, 20, 3), dtype=np.uint8)).resize((320, 240))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_model("tiny", seed=3)
+TINY_SEED = 3  # the seed of conftest's `tiny` fixture here
 
 
 def write_vila_layout(model, processor, root, legacy_scales: bool = True) -> None:

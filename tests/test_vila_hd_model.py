@@ -18,12 +18,6 @@ from vila_hd.model.projector import VilaHDProjector, gather_groups, space_to_cha
 from vila_hd.model.tiny import build_tiny_model, tiny_config
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, processor = build_tiny_model("tiny", seed=0)
-    return model, processor
-
-
 def chat(processor, content, history=()):
     return processor.apply_chat_template([*history, {"role": "user", "content": content}])
 
