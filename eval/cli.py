@@ -28,7 +28,7 @@ GENERATION_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "tempera
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    from vila_hd.cli import add_generation_arguments
+    from vila_hd.cli import add_generation_arguments, add_limit_arguments
 
     parser = argparse.ArgumentParser(prog="vila-hd eval", description=__doc__.split("\n\n")[0],
                                      epilog="Formats, scoring rules and outputs: docs/evaluation.md.")
@@ -75,6 +75,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     model.add_argument("--device-map", metavar="MAP", help="'auto' spreads the model over the visible GPUs")
     model.add_argument("--load-4bit", action="store_true", help="4-bit LLM weights (bitsandbytes, CUDA)")
     add_generation_arguments(parser)
+    add_limit_arguments(parser)  # load_engine reads them (vila_hd.cli.serving_limits)
     parser.set_defaults(max_new_tokens=64)
     return parser
 
