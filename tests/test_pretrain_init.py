@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from tolerances import assert_fp_close
 from train_helpers import one_thread  # noqa: F401 (fixture)
 
 from train.pretrain.init import export_ps3, init_from_ps3, init_from_siglip, load_safetensors_dir
@@ -66,16 +67,15 @@ def test_siglip_checkpoint_initialises_ps3_with_equal_features(siglip_dir):
         pooled = model.vision_model.trunk.pool(low.hidden_states[-1])
     assert len(low.hidden_states) == len(ref.hidden_states) - 1
     for ours, theirs in zip(low.hidden_states, ref.hidden_states[1:]):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(pooled, ref.pooler_output, rtol=1e-5, atol=1e-5)
+        assert_fp_close(ours, theirs)
+    assert_fp_close(pooled, ref.pooler_output)
 
     # The text tower: same pooled (last-position) embedding as transformers' SigLIP text model.
     text = SiglipTextModel.from_pretrained(siglip_dir, attn_implementation="eager").eval()
     ids = torch.randint(3, TEXT_VOCAB, (3, TEXT_CONTEXT), generator=torch.Generator().manual_seed(2))
     ids[0, 4:] = 0  # padded as the SigLIP tokenizer pads (max_length), attended without a mask
     with torch.no_grad():
-        torch.testing.assert_close(model.text_model(ids).pooled_output, text(input_ids=ids).pooler_output,
-                                   rtol=1e-5, atol=1e-5)
+        assert_fp_close(model.text_model(ids).pooled_output, text(input_ids=ids).pooler_output)
 
 
 def test_siglip_mismatch_and_unsupported_checkpoints_are_refused(siglip_dir, tmp_path):

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from tolerances import assert_fp_close
 from train_helpers import fresh_job_env, one_thread  # noqa: F401 (fixture)
 
 pytest.importorskip("deepspeed")
@@ -90,10 +91,10 @@ def test_compiled_blocks_give_the_eager_pretraining_loss(tmp_path):
     (_, loss_a, grads_a), (compiled, loss_b, grads_b) = results
     assert all(is_compiled(b) for b in compiled.vision_model.trunk.blocks)
     assert all(is_compiled(b) for b in compiled.text_model.transformer.resblocks)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert_fp_close(loss_b, loss_a)
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
+        assert_fp_close(grads_b[name], grads_a[name], msg=name)
     torch._dynamo.reset()
 
 

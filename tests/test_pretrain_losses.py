@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from tolerances import assert_fp_close
 
 from train.pretrain.losses import selection_bce, siglip_loss
 
@@ -46,7 +47,7 @@ def test_siglip_loss_equals_direct_computation():
     x, y, proj = features()
     img, txt = F.normalize(x @ proj, dim=-1), F.normalize(y @ proj.T, dim=-1)
     ours = siglip_loss(img, txt, torch.tensor(SCALE, dtype=torch.float64), torch.tensor(BIAS, dtype=torch.float64))
-    torch.testing.assert_close(ours.double(), direct_siglip(img, txt, SCALE, BIAS), rtol=1e-6, atol=1e-6)
+    assert_fp_close(ours.double(), direct_siglip(img, txt, SCALE, BIAS))
     with pytest.raises(ValueError, match="differ"):
         siglip_loss(img, txt[:3], torch.tensor(1.0), torch.tensor(0.0))
 
@@ -92,10 +93,10 @@ def test_siglip_loss_two_processes_equals_the_global_batch(tmp_path):
     scale = torch.tensor(math.log(SCALE), dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(BIAS, dtype=torch.float64, requires_grad=True)
     img, txt = F.normalize(x @ proj, dim=-1), F.normalize(y @ proj.T, dim=-1)
-    torch.testing.assert_close(result["loss"], direct_siglip(img.detach(), txt.detach(), SCALE, BIAS))
+    assert_fp_close(result["loss"], direct_siglip(img.detach(), txt.detach(), SCALE, BIAS))
     run_batch(x, y, proj, scale, bias).backward()
     expected = torch.cat([proj.grad.flatten(), scale.grad.view(1), bias.grad.view(1)])
-    torch.testing.assert_close(result["grads"], expected, rtol=1e-9, atol=1e-9)
+    assert_fp_close(result["grads"], expected)
     assert "same batch size on every rank, got [1, 2]" in torch.load(tmp_path / "error.pt")
 
 
@@ -111,7 +112,7 @@ def test_selection_bce_counts_local_captions_only():
         target = (F.adaptive_avg_pool2d(gt[:, None], p.shape[-2:])[:, 0] > 0).float()
         terms = -(target * p.log() + (1 - target) * (1 - p).log())
         expected += terms[[0, 2]].mean() / len(probs)
-    torch.testing.assert_close(loss, expected)
+    assert_fp_close(loss, expected)
     # all-global batch: zero, but still connected to the probabilities
     leaf = [p.clone().requires_grad_(True) for p in probs]
     zero = selection_bce(leaf, gt, torch.ones(3, dtype=torch.bool))

@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import assert_fp_close
 from train_helpers import one_thread  # noqa: F401 (fixture)
 
 from train.pretrain.data import BoxCaptionDataset, collate_box_caption
@@ -74,13 +75,13 @@ def test_global_captions_use_the_low_res_pooled_vector():
     out = model(**batch)
     low = model.vision_model.encode_low_res(model.normalize_pixels(batch["pixel_values"]))
     expected = F.normalize(model.vision_model.trunk.pool(low.hidden_states[-1]), dim=-1)
-    torch.testing.assert_close(out.image_features[1], expected[1])
+    assert_fp_close(out.image_features[1], expected[1])
     assert not torch.allclose(out.image_features[0], expected[0], atol=1e-3)
     text = model.text_model(batch["input_ids"])
-    torch.testing.assert_close(out.text_features, F.normalize(text.pooled_output, dim=-1))
+    assert_fp_close(out.text_features, F.normalize(text.pooled_output, dim=-1))
     # top-down probabilities come from each sample's own caption: swapping captions swaps them
     swapped = model(**{**batch, "input_ids": batch["input_ids"].flip(0)})
-    torch.testing.assert_close(swapped.topdown_probs[0][0], model(**{**batch, "input_ids": batch["input_ids"][[2, 1, 0]]}).topdown_probs[0][0])
+    assert_fp_close(swapped.topdown_probs[0][0], model(**{**batch, "input_ids": batch["input_ids"][[2, 1, 0]]}).topdown_probs[0][0])
     assert not torch.allclose(swapped.topdown_probs[0][0], out.topdown_probs[0][0])
 
 
@@ -139,14 +140,14 @@ def test_global_captions_skip_the_high_res_step(is_global, high_res_batch):
     old.vision_model.forward_pooled = types.MethodType(forward_pooled_all_high_res, old.vision_model)
     (out, grads), (ref, ref_grads) = loss_and_grads(new, batch), loss_and_grads(old, batch)
     assert sizes == [high_res_batch]
-    torch.testing.assert_close(out.image_features, ref.image_features)
+    assert_fp_close(out.image_features, ref.image_features)
     assert torch.isfinite(out.image_features).all() and out.image_features.shape == (3, 32)
     for name in ("selection_maps", "bottomup_probs", "topdown_probs"):
         for a, b in zip(getattr(out, name), getattr(ref, name), strict=True):
-            torch.testing.assert_close(a, b, msg=name)
+            assert_fp_close(a, b, msg=name)
     assert grads.keys() == ref_grads.keys() == {n for n, p in new.named_parameters() if p.requires_grad}
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_fp_close(grad, ref_grads[name], msg=name)
 
 
 @torch.no_grad()
@@ -157,7 +158,7 @@ def test_global_caption_skip_with_merged_prefix_attention():
     old.vision_model.forward_pooled = types.MethodType(forward_pooled_all_high_res, old.vision_model)
     for model in (new, old):
         model.vision_model.set_prefix_attention("merge")
-    torch.testing.assert_close(new(**batch).image_features, old(**batch).image_features, rtol=1e-5, atol=1e-5)
+    assert_fp_close(new(**batch).image_features, old(**batch).image_features)
 
 
 def test_selection_only_training_touches_only_selection_modules():
@@ -187,7 +188,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and "logit_bias" in grads[0]
     for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+        assert_fp_close(grads[0][name], grads[1][name], msg=name)
 
 
 def test_bad_inputs_name_the_culprit():

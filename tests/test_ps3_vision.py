@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import assert_fp_close
 
 from vila_hd.host_syncs import count_host_syncs
 from vila_hd.ps3 import PS3VisionModel
@@ -112,8 +113,8 @@ def test_low_res_matches_transformers_siglip():
         pooled = model.vision_model.trunk.pool(low.hidden_states[-1])
     assert len(low.hidden_states) == len(ref.hidden_states) - 1
     for i, hidden in enumerate(low.hidden_states):
-        torch.testing.assert_close(hidden, ref.hidden_states[i + 1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(pooled, ref.pooler_output, rtol=1e-5, atol=1e-5)
+        assert_fp_close(hidden, ref.hidden_states[i + 1])
+    assert_fp_close(pooled, ref.pooler_output)
 
 
 # --- selection behaviour --------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def test_steps_are_independent(model_15k):
     maps_two = model_15k.format_features_into_feature_maps(two.last_hidden_state, two.selection_maps)
     for m1, m2, sel in zip(maps_one[1:], maps_two[1:], first_maps):
         mask = sel[:, None].bool().expand_as(m1)
-        torch.testing.assert_close(m1[mask], m2[mask], rtol=1e-6, atol=1e-6)
+        assert_fp_close(m1[mask], m2[mask])
     # step 2 selects only new patches
     for sel1, sel2 in zip(one.selection_maps, two.selection_maps):
         assert torch.all(sel2 >= sel1) and sel2.max() == 1
@@ -168,7 +169,7 @@ def test_batched_equals_single(model_15k):
     both = model_15k(x, num_token_look_close=3000)
     for i in range(2):
         single = model_15k(x[i : i + 1], num_token_look_close=3000)
-        torch.testing.assert_close(both.last_hidden_state[i : i + 1], single.last_hidden_state, rtol=1e-5, atol=1e-5)
+        assert_fp_close(both.last_hidden_state[i : i + 1], single.last_hidden_state)
         for a, b in zip(both.selection_maps, single.selection_maps):
             assert torch.equal(a[i : i + 1], b)
 
@@ -236,7 +237,7 @@ def test_output_layers_and_feature_maps(model_15k):
     full = model_15k(x, num_look_close=2)
     part = model_15k(x, num_look_close=2, output_layers=[-2])
     assert len(full.hidden_states) == model_15k.config.num_hidden_layers
-    torch.testing.assert_close(part.hidden_states[0], full.hidden_states[-2], rtol=1e-6, atol=1e-6)
+    assert_fp_close(part.hidden_states[0], full.hidden_states[-2])
     maps = model_15k.format_features_into_feature_maps(full.last_hidden_state, full.selection_maps)
     assert [tuple(m.shape[-2:]) for m in maps] == [(27, 27), (54, 54), (108, 108)]
     assert torch.all(maps[1][:, :, full.selection_maps[0][0] == 0] == 0)
@@ -302,7 +303,7 @@ def test_position_cache_follows_weight_updates():
     assert not torch.allclose(before[:, 729:], after[:, 729:])
     fresh = tiny_model(SCALES_15K, seed=3)
     fresh.load_state_dict(model.state_dict())
-    torch.testing.assert_close(fresh(x, num_look_close=1).last_hidden_state, after, rtol=1e-6, atol=1e-6)
+    assert_fp_close(fresh(x, num_look_close=1).last_hidden_state, after)
 
 
 # --- inference kernels ----------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def test_merged_prefix_attention_equals_concatenation():
     for merged, joined in zip(outs["merge"], outs["concat"]):
         for a, b in zip(merged.selection_maps, joined.selection_maps):
             assert torch.equal(a, b)
-        torch.testing.assert_close(merged.last_hidden_state, joined.last_hidden_state, rtol=1e-5, atol=1e-5)
+        assert_fp_close(merged.last_hidden_state, joined.last_hidden_state)
     with pytest.raises(ValueError, match="prefix_attention"):
         enc.set_prefix_attention("fast")
 
@@ -340,6 +341,6 @@ def test_merge_mode_falls_back_to_concatenation_for_gradients():
     assert x.grad is not None and attn.qkv.weight.grad is not None
     attn.prefix_mode = "concat"
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, prefix)[0], out.detach(), rtol=1e-6, atol=1e-6)
+        assert_fp_close(attn(x, prefix)[0], out.detach())
     with pytest.raises(ValueError, match="prefix_mode"):
         Attention(16, 2, "fastest")

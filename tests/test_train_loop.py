@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tolerances import assert_fp_close
 from train_helpers import fresh_job_env, lm_losses, losses, make_dataset, one_thread, stage_dict  # noqa: F401
 
 pytest.importorskip("deepspeed")
@@ -146,13 +147,13 @@ def test_lora_checkpoint_reload_and_merge(data, tmp_path):
     merged, info = VilaHDForConditionalGeneration.from_pretrained(merged_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
-        torch.testing.assert_close(merged.eval()(**inputs).logits, trained, rtol=1e-5, atol=1e-5)
+        assert_fp_close(merged.eval()(**inputs).logits, trained)
     # The inference loader of chat / eval takes the adapter directory directly.
     from vila_hd.engine import load_model
 
     chat_model, _ = load_model(adapter, device="cpu", dtype="float32")
     with torch.no_grad():
-        torch.testing.assert_close(chat_model(**inputs).logits, trained, rtol=1e-5, atol=1e-5)
+        assert_fp_close(chat_model(**inputs).logits, trained)
 
 
 def test_finetune_lora_cli_on_a_custom_dataset_then_data_check_and_merge(data, tmp_path, tiny_checkpoint):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from tolerances import assert_fp_close
 from train_helpers import step_samples
 
 from train.config import CONFIG_ROOT, PARTS, load_stage, part_of, stage_from_dict
@@ -37,7 +38,7 @@ def test_training_forward_matches_the_model_forward(tiny, samples):
                         **LOOK)
             batch = collate([s])
             ours = step(batch)["lm"] / batch["num_items"]["lm"]
-        torch.testing.assert_close(ours, ref.loss, rtol=1e-5, atol=1e-5)
+        assert_fp_close(ours, ref.loss)
 
 
 def test_packed_rows_give_the_same_losses_and_gradients_as_padded_rows(tiny, samples):
@@ -54,10 +55,10 @@ def test_packed_rows_give_the_same_losses_and_gradients_as_padded_rows(tiny, sam
     (rows_a, out_a, g_a), (rows_b, out_b, g_b) = results
     assert rows_a == 3 and rows_b == 1
     for k in out_a:
-        torch.testing.assert_close(out_a[k], out_b[k], rtol=1e-5, atol=1e-5)
+        assert_fp_close(out_a[k], out_b[k])
     assert g_a.keys() == g_b.keys() and any(n.startswith("mm_projector.top_down_prompt_head") for n in g_a)
     for n in g_a:
-        torch.testing.assert_close(g_a[n], g_b[n], rtol=1e-4, atol=1e-6)
+        assert_fp_close(g_a[n], g_b[n], msg=n)
     model.zero_grad()
 
 
@@ -123,10 +124,10 @@ def test_segment_attention_equals_the_masked_sdpa_path_and_builds_no_mask(sample
     assert calls_a == 0 and calls_b == 2 * layers  # every layer of the main and the prefix pass
     assert masks_a == 2 and masks_b == 0  # neither pass builds a mask any more
     for k in out_a:
-        torch.testing.assert_close(out_a[k], out_b[k], rtol=1e-5, atol=1e-5)
+        assert_fp_close(out_a[k], out_b[k])
     assert g_a.keys() == g_b.keys()
     for n in g_a:
-        torch.testing.assert_close(g_a[n], g_b[n], rtol=1e-4, atol=1e-6)
+        assert_fp_close(g_a[n], g_b[n], msg=n)
 
 
 def low_res_tokens(model):
@@ -248,7 +249,7 @@ def test_loss_normalisation_by_global_tokens():
     full = torch.nn.functional.cross_entropy(logits, targets)
     parts = [lm_loss_sum(logits[:1], targets[:1]), lm_loss_sum(logits[1:], targets[1:])]
     total = sum(normalized_total({"lm": p}, {"lm": 4}, {"lm": 1.0}) for p in parts)
-    torch.testing.assert_close(total, full)
+    assert_fp_close(total, full)
     assert normalized_total({"lm": torch.tensor(6.0), "selection": torch.tensor(3.0)}, {"lm": 3, "selection": 0},
                             {"lm": 1.0, "selection": 2.0}, scale=4.0).item() == pytest.approx(4 * (2.0 + 6.0))
 

@@ -279,9 +279,9 @@ def test_builder_assembles_from_ps3_and_llm(tiny, tmp_path):
     assert built_processor.image_token == "<img>" and built.config.image_token_id == len(processor.tokenizer)
     assert built.get_input_embeddings().weight.shape[0] == len(processor.tokenizer) + 1
     # Pretrained parts keep their weights; the prompt head gets the reference's init.
-    torch.testing.assert_close(built.vision_tower.state_dict(), model.vision_tower.state_dict())
+    torch.testing.assert_close(built.vision_tower.state_dict(), model.vision_tower.state_dict(), rtol=0, atol=0)
     emb = model.language_model.get_input_embeddings().weight
-    torch.testing.assert_close(built.get_input_embeddings().weight[: emb.shape[0]], emb)
+    torch.testing.assert_close(built.get_input_embeddings().weight[: emb.shape[0]], emb, rtol=0, atol=0)
     head = built.mm_projector.top_down_prompt_head
     assert head.fc1.weight.abs().max() <= 0.02 and head.fc1.bias.abs().max() <= 0.02
     assert torch.equal(head.norm.weight, torch.ones_like(head.norm.weight))
