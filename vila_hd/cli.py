@@ -6,17 +6,25 @@
                            forwarded to the function that parses them (see FORWARDED)
 
 Bad arguments exit with code 2 (argparse's message); a model that cannot be loaded, or any other
-failure of a command, prints ``vila-hd <command>: error: ...`` and exits with code 1.
+failure of a command, prints ``vila-hd <command>: error: ...`` and exits with code 1. One handler in
+:func:`main` covers every subcommand: a user error (see :func:`vila_hd.errors.is_user_error`: the project's
+errors, a corrupt safetensors / JSON / YAML file, a bad chat template, a missing file, a full disk) prints one
+line, ``vila-hd: error: ...``, and exits with code 1; ``vila-hd --debug COMMAND ...`` (``--debug`` may also
+come anywhere after the command) prints its traceback too. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
+import traceback
 from collections.abc import Sequence
 
-from vila_hd import __version__
+from vila_hd import __version__, errors
+
+DEBUG_FLAG = "--debug"
 
 # Subcommands whose own function parses their arguments: ``vila-hd NAME ARGS`` calls ``module.function(ARGS)``.
 FORWARDED = {
@@ -61,8 +69,22 @@ def non_negative_float(value: str) -> float:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    if not 0 <= number < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return number
+
+
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1
+
+
+def seed_arg(value: str) -> int:
+    """A seed torch accepts: an integer in 0 .. 2**64 - 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{SEED_MAX}, got {value!r}") from None
+    if not 0 <= number <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{SEED_MAX} (2**64 - 1), got {value!r}")
     return number
 
 
@@ -141,7 +163,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         help="top-down: the question steers patch selection; bottom-up: image saliency only "
         "(default: the checkpoint's)",
     )
-    group.add_argument("--seed", type=int, help="seed for sampling")
+    group.add_argument("--seed", type=seed_arg, metavar="N", help=f"seed for sampling (0..{SEED_MAX})")
 
 
 def limit_arg(value: str) -> int | None:
@@ -240,7 +262,9 @@ def load_engine(args: argparse.Namespace, prog: str, image_cache_size: int = 4):
             image_cache_size=image_cache_size,
         )
     except (OSError, ValueError, ImportError, RuntimeError) as err:
-        print(f"{prog}: error: cannot load the model: {err}", file=sys.stderr)
+        if errors.DEBUG:
+            traceback.print_exc()
+        print(f"{prog}: error: cannot load the model: {errors.describe(err)}", file=sys.stderr)
         return None
 
 
@@ -254,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`vila-hd COMMAND --help` describes each command.",
     )
     parser.add_argument("--version", action="version", version=f"vila-hd {__version__}")
+    parser.add_argument(
+        DEBUG_FLAG,
+        action="store_true",
+        help="print the traceback of errors that are otherwise one 'vila-hd: error:' line (also accepted "
+        "after COMMAND)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (chat, infer):
         sub = commands.add_parser(
@@ -271,8 +301,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``vila-hd ARGV``; returns the exit code (argparse exits with 2 on bad arguments)."""
+    """Run ``vila-hd ARGV``; returns the exit code (argparse exits with 2 on bad arguments, a user error
+    returns 1 after one ``vila-hd: error:`` line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    options = argv[: argv.index("--")] if "--" in argv else argv  # --debug before a `--` only
+    debug = DEBUG_FLAG in options
+    argv = [a for a in options if a != DEBUG_FLAG] + argv[len(options):]
+    errors.DEBUG = debug
+    try:
+        return _dispatch(argv)
+    except Exception as err:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
+        if debug or not errors.is_user_error(err):
+            raise
+        print(f"vila-hd: error: {errors.describe(err)}", file=sys.stderr)
+        return 1
+    finally:
+        errors.DEBUG = False
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in FORWARDED:
         module, function, _ = FORWARDED[argv[0]]
         code = getattr(importlib.import_module(module), function)(argv[1:])
