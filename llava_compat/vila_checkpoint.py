@@ -282,6 +282,21 @@ def _part_device_maps(device) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
 
 # --- export ------------------------------------------------------------------------------------------
+def with_legacy_rope(llm_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``llm_cfg`` plus the RoPE fields the transformers versions VILA pins (4.46, 4.56) read: ``rope_theta``
+    and ``rope_scaling`` (they ignore transformers 5's ``rope_parameters`` and would use theta 10000)."""
+    params = llm_cfg.get("rope_parameters")
+    if not isinstance(params, dict):
+        return llm_cfg
+    out = dict(llm_cfg)
+    if "rope_theta" in params:
+        out["rope_theta"] = params["rope_theta"]
+    kind = params.get("rope_type", params.get("type", "default"))
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "type")}
+    out["rope_scaling"] = None if kind == "default" else {"rope_type": kind, **scaling}  # 4.46+ read rope_type
+    return out
+
+
 def vila_top_config(model) -> dict[str, Any]:
     """The VILA top-level ``config.json`` for ``model``."""
     cfg = model.config
@@ -295,7 +310,7 @@ def vila_top_config(model) -> dict[str, Any]:
     return {
         "architectures": ["LlavaTopDownLlamaModel"],
         "model_type": "llava_topdown_llama",
-        "llm_cfg": text.to_dict(),
+        "llm_cfg": with_legacy_rope(text.to_dict()),
         "vision_tower_cfg": vision.to_dict(),
         "mm_projector_cfg": projector,
         "hidden_size": text.hidden_size,
@@ -325,6 +340,11 @@ def export_vila_checkpoint(model, processor, out_dir: str | os.PathLike) -> None
     os.makedirs(out_dir, exist_ok=True)
     llm_dir, vision_dir, proj_dir = (os.path.join(out_dir, d) for d in SUBDIRS)
     model.language_model.save_pretrained(llm_dir, safe_serialization=True)
+    llm_config = os.path.join(llm_dir, "config.json")
+    with open(llm_config) as f:
+        legacy = with_legacy_rope(json.load(f))
+    with open(llm_config, "w") as f:
+        json.dump(legacy, f, indent=2)
     processor.tokenizer.chat_template = processor.chat_template
     processor.tokenizer.save_pretrained(llm_dir)
     write_chat_template(llm_dir, processor.chat_template)
