@@ -14,6 +14,7 @@ An adapter directory holds ``adapter_config.json`` (``base_model_name_or_path`` 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -59,7 +60,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings, trainable_parts: list[s
         modules_to_save=save or None,
         bias="none",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing for the user to change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_lora_param(name: str) -> bool:

@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
+import logging
 import os
+import re
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -82,6 +86,32 @@ class TrainerHooks:
 
 
 # --- distributed set-up -----------------------------------------------------------------------------
+# DeepSpeed's start-up banners, which say nothing a user can act on: its accelerator auto-detection on a
+# machine without a GPU, and the CPU communication op it builds on the first init. Dropped by message only.
+_DS_BANNERS = re.compile(r"Setting (ds_)?accelerator to |DeepSpeed \S+ built successfully$")
+
+
+class _DropDeepSpeedBanners(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _DS_BANNERS.match(record.getMessage())
+
+
+# DeepSpeed's logger ("DeepSpeed", see deepspeed.utils.logging) may first log when a library imports it.
+logging.getLogger("DeepSpeed").addFilter(_DropDeepSpeedBanners())
+
+
+@contextlib.contextmanager
+def _without_deepspeed_prints():
+    """Run a DeepSpeed call with its stdout banners dropped; every other line it prints is passed on."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True) if not _DS_BANNERS.match(line.strip())]
+        sys.stdout.write("".join(kept))
+
+
 def init_distributed() -> None:
     """Join the process group started by ``deepspeed`` / ``torchrun`` (their RANK / WORLD_SIZE / MASTER_*
     protocol), or make a one-process group when started with plain ``python``."""
@@ -97,7 +127,8 @@ def init_distributed() -> None:
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
             os.environ[key] = value
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    with _without_deepspeed_prints():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
