@@ -206,3 +206,39 @@ def test_training_skips_the_same_samples_with_the_same_reasons(tmp_path, process
     dataset = TrainingDataset(mixture, SampleEncoder(processor, 300, LOOK))
     skipped = {i: item.reason for i in range(len(dataset)) if isinstance(item := dataset[i], SkippedSample)}
     assert skipped == planted
+
+
+def test_data_check_warns_with_index_and_id(tmp_path, capsys):
+    """Samples that train, but maybe not as meant: each warning names the record's index and id."""
+    from train.cli import data_main
+    from train.data import check
+
+    media = tmp_path / "media"
+    media.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(media / "a.png")
+    answer = {"from": "gpt", "value": "Yes."}
+    records = [
+        {"id": "ok", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nIs it?"}, answer]},
+        {"id": "noplace", "image": "a.png", "conversations": [{"from": "human", "value": "Is it?"}, answer]},
+        {"id": "two", "image": ["a.png", "a.png"],
+         "conversations": [{"from": "human", "value": "<image><image>\nSame?"}, answer]},
+        {"id": "sys", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                        answer]},
+        {"id": "roles", "conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello."}]},
+        {"id": "ok", "conversations": [{"from": "human", "value": "Again?"}, answer]},
+    ]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    out = tmp_path / "report.json"
+    code = data_main(["check", str(path), "--media", str(media), "--json", str(out), "--workers", "2"])
+    assert code == 0  # warnings do not fail the check
+    report = json.loads(out.read_text())
+    assert report["bad"] == []
+    found = {(w["index"], w["id"], w["kind"]) for w in report["warnings"]}
+    assert found == {(1, "noplace", check.PLACEHOLDER_INSERTED), (2, "two", check.MULTI_IMAGE),
+                     (3, "sys", check.SYSTEM_TURN), (4, "roles", check.NON_LLAVA_ROLE),
+                     (5, "ok", check.DUPLICATE_ID)}
+    text = capsys.readouterr().out
+    assert "warning: train.json[5] id=ok: duplicate id: also the id of train.json[0]" in text
+    assert "warning: train.json[4] id=roles: role other than human/gpt: 'from' ['assistant', 'user']" in text
+    assert report["duplicate_ids"] == {"train.json": ["ok"]}

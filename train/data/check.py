@@ -3,8 +3,11 @@
 Each sample goes through the same code as in training (:class:`~train.data.dataset.SampleEncoder`):
 record parsing, turn structure, placeholder/image counts, tokenization with assistant labels, length after
 image-token expansion, full image decode, box bounds. The report lists each bad sample by dataset, index and
-id with its reason (one of :data:`llava_compat.datasets.REASONS`) and gives counts per reason; duplicate ids
-are reported as warnings (they are not skipped).
+id with its reason (one of :data:`llava_compat.datasets.REASONS`) and gives counts per reason. Warnings (the
+sample is trained on, but maybe not as meant; one of :data:`WARNINGS`) give the index and id too: a duplicate id
+(with the index that had it first), an ``<image>`` placeholder inserted because the sample had none, a
+multi-image sample, a system turn, and LLaVA roles other than ``human`` / ``gpt`` (accepted here, refused by
+LLaVA's and VILA's own loaders).
 """
 
 from __future__ import annotations
@@ -26,11 +29,30 @@ class BadSample:
     detail: str
 
 
+DUPLICATE_ID = "duplicate id"
+PLACEHOLDER_INSERTED = "<image> placeholder inserted"
+MULTI_IMAGE = "multi-image sample"
+SYSTEM_TURN = "system turn"
+NON_LLAVA_ROLE = "role other than human/gpt"
+WARNINGS = (DUPLICATE_ID, PLACEHOLDER_INSERTED, MULTI_IMAGE, SYSTEM_TURN, NON_LLAVA_ROLE)
+LLAVA_ROLES = ("human", "gpt")
+
+
+@dataclass
+class SampleWarning:
+    dataset: str
+    index: int
+    id: str
+    kind: str  # one of WARNINGS
+    detail: str
+
+
 @dataclass
 class CheckReport:
     samples: dict[str, int] = field(default_factory=dict)  # dataset -> number of samples checked
     bad: list[BadSample] = field(default_factory=list)
     duplicate_ids: dict[str, list[str]] = field(default_factory=dict)  # dataset -> ids seen more than once
+    warnings: list[SampleWarning] = field(default_factory=list)
     lengths_checked: bool = True
 
     @property
@@ -52,13 +74,20 @@ class CheckReport:
             lines.append(f"{b.dataset}[{b.index}] id={b.id}: {b.reason}: {b.detail}")
         if show is not None and len(self.bad) > show:
             lines.append(f"... {len(self.bad) - show} more (--show N)")
-        for name, ids in self.duplicate_ids.items():
-            lines.append(f"warning: {name}: {len(ids)} duplicate id(s), e.g. {ids[:5]}")
+        if self.warnings:
+            lines.append(f"warnings: {len(self.warnings)}")
+            for kind, n in Counter(w.kind for w in self.warnings).most_common():
+                lines.append(f"  {kind:<40} {n}")
+        for w in self.warnings[:show] if show is not None else self.warnings:
+            lines.append(f"warning: {w.dataset}[{w.index}] id={w.id}: {w.kind}: {w.detail}")
+        if show is not None and len(self.warnings) > show:
+            lines.append(f"... {len(self.warnings) - show} more warning(s) (--show N)")
         return "\n".join(lines)
 
     def to_json(self) -> str:
         return json.dumps({"samples": self.samples, "counts": dict(self.counts()),
-                           "bad": [asdict(b) for b in self.bad], "duplicate_ids": self.duplicate_ids}, indent=2)
+                           "bad": [asdict(b) for b in self.bad], "duplicate_ids": self.duplicate_ids,
+                           "warnings": [asdict(w) for w in self.warnings]}, indent=2)
 
 
 def check_sample(source, index: int, encoder=None, load_images: bool = True) -> tuple[str, BadSample | None]:
@@ -83,6 +112,42 @@ def check_sample(source, index: int, encoder=None, load_images: bool = True) -> 
     return sid, None
 
 
+def sample_warnings(source, index: int) -> list[tuple[str, str]]:
+    """``(kind, detail)`` of each warning sample ``index`` raises (none for a sample that does not parse)."""
+    try:
+        raw = source[index]
+    except ds.SampleError:
+        return []
+    found = []
+    if raw.images and not any(ds.IMAGE_TOKEN in m["content"] for m in raw.messages):
+        found.append((PLACEHOLDER_INSERTED, f"no {ds.IMAGE_TOKEN} in the text: {len(raw.images)} inserted at "
+                      "the start of the first user turn"))
+    if len(raw.images) > 1:
+        found.append((MULTI_IMAGE, f"{len(raw.images)} images"))
+    if any(m["role"] == "system" for m in raw.messages):
+        found.append((SYSTEM_TURN, "a system turn (LLaVA-format data usually has none)"))
+    record = _safe_record(source, index)
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if isinstance(turns, list):
+        roles = sorted({t["from"] for t in turns if isinstance(t, dict) and isinstance(t.get("from"), str)}
+                       - {*LLAVA_ROLES, "system"})
+        if roles:
+            found.append((NON_LLAVA_ROLE, f"'from' {roles}: LLaVA's and VILA's loaders accept only human/gpt"))
+    return found
+
+
+def _safe_record(source, index: int):
+    try:
+        return source.record(index)
+    except Exception:  # noqa: BLE001 - a record that cannot be read has no roles to report
+        return None
+
+
+def _check_one(source, index: int, encoder, load_images: bool):
+    sid, bad = check_sample(source, index, encoder, load_images)
+    return sid, bad, sample_warnings(source, index)
+
+
 def _record_id(source, index: int) -> str | None:
     try:
         record = source.record(index)
@@ -99,15 +164,22 @@ def check_sources(sources: dict[str, object], encoder=None, load_images: bool = 
         n = len(source)
         report.samples[name] = n
         with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-            results = list(pool.map(check_sample, [source] * n, range(n), [encoder] * n, [load_images] * n))
-        seen: Counter = Counter()
-        for sid, bad in results:
-            if not sid.startswith("#"):
-                seen[sid] += 1
+            results = list(pool.map(_check_one, [source] * n, range(n), [encoder] * n, [load_images] * n))
+        first: dict[str, int] = {}
+        dups: dict[str, None] = {}
+        for index, (sid, bad, warnings) in enumerate(results):
             if bad is not None:
                 bad.dataset = name
                 report.bad.append(bad)
-        dups = [k for k, v in seen.items() if v > 1]
+            report.warnings += [SampleWarning(name, index, sid, kind, detail) for kind, detail in warnings]
+            if sid.startswith("#"):
+                continue
+            if sid in first:
+                dups[sid] = None
+                report.warnings.append(SampleWarning(name, index, sid, DUPLICATE_ID,
+                                                     f"also the id of {name}[{first[sid]}]"))
+            else:
+                first[sid] = index
         if dups:
-            report.duplicate_ids[name] = dups
+            report.duplicate_ids[name] = list(dups)
     return report
