@@ -35,6 +35,8 @@ def convert(
 ) -> None:
     """Load ``src`` (either layout) and write it to ``dst`` in layout ``to`` (``vila`` or ``hf``)."""
     from llava_compat.vila_checkpoint import export_vila_checkpoint
+    from vila_hd.cli import check_chat_template, naming_model
+    from vila_hd.errors import naming_file
     from vila_hd.model import VilaHDForConditionalGeneration
     from vila_hd.processing import VilaHDProcessor
 
@@ -46,25 +48,24 @@ def convert(
         raise ValueError("src and dst must differ")
     torch_dtype = getattr(torch, dtype) if dtype else None
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    model = VilaHDForConditionalGeneration.from_pretrained(src, **kwargs)
+    with naming_model(src):
+        model = VilaHDForConditionalGeneration.from_pretrained(src, **kwargs)
+        processor = VilaHDProcessor.from_pretrained(src)
+        check_chat_template(processor, src)
     if torch_dtype is not None:
         model.to(torch_dtype)
-    processor = VilaHDProcessor.from_pretrained(src)
-    if to == "hf":
-        model.save_pretrained(dst, safe_serialization=True, max_shard_size=max_shard_size)
-        processor.save_pretrained(dst)
-    else:
-        export_vila_checkpoint(model, processor, dst)
+    with naming_file(dst, "output directory"):
+        if to == "hf":
+            model.save_pretrained(dst, safe_serialization=True, max_shard_size=max_shard_size)
+            processor.save_pretrained(dst)
+        else:
+            export_vila_checkpoint(model, processor, dst)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``vila-hd convert`` (the CLI passes the arguments after ``convert``)."""
     args = build_parser().parse_args(argv)
-    try:
-        convert(args.src, args.dst, args.to, args.dtype, args.max_shard_size, args.force)
-    except (ValueError, OSError) as err:
-        print(f"vila-hd convert: error: {err}", file=sys.stderr)
-        return 1
+    convert(args.src, args.dst, args.to, args.dtype, args.max_shard_size, args.force)  # errors: vila_hd.cli.main
     print(f"wrote {args.to} checkpoint to {args.dst}")
     return 0
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from train.config import CONFIG_ROOT
+from vila_hd import errors
+from vila_hd.cli import naming_model, non_negative_int, positive_float, positive_int
 
 LORA_RECIPE = os.path.join(CONFIG_ROOT, "stages", "lora.yaml")
 
@@ -40,7 +43,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from train.stage import run_stage
 
     config = load_stage(args.config, args.overrides)
-    run_stage(config, resume=not args.no_resume)
+    with naming_model(config.init.model or config.init.llm or args.config):
+        run_stage(config, resume=not args.no_resume)
     return 0
 
 
@@ -50,17 +54,18 @@ def finetune_lora_main(argv: Sequence[str] | None = None) -> int:
                                      description="LoRA fine-tuning of a VILA-HD checkpoint on your data.")
     parser.add_argument("--model", required=True, help="VILA-HD checkpoint directory to start from")
     parser.add_argument("--data", required=True, help="LLaVA .json/.jsonl, a .parquet file or a saved dataset dir")
-    parser.add_argument("--media", help="folder the image paths of --data are relative to")
+    parser.add_argument("--media", help="folder the image paths of --data are relative to and must stay "
+                        "inside (default: the folder of --data)")
     parser.add_argument("--format", choices=["llava", "messages"], help="default: llava for .json/.jsonl")
     parser.add_argument("--output-dir", default="outputs/lora")
     parser.add_argument("--recipe", default=LORA_RECIPE, help=f"base recipe (default {LORA_RECIPE})")
-    parser.add_argument("--epochs", type=float)
-    parser.add_argument("--lr", type=float, help="learning rate of the LoRA matrices and the trained modules")
-    parser.add_argument("--rank", type=int, dest="lora_r", help="LoRA rank r")
-    parser.add_argument("--alpha", type=int, help="LoRA alpha")
-    parser.add_argument("--max-length", type=int)
-    parser.add_argument("--micro-batch-size", type=int)
-    parser.add_argument("--global-batch-size", type=int)
+    parser.add_argument("--epochs", type=positive_float)
+    parser.add_argument("--lr", type=positive_float, help="learning rate of the LoRA matrices and the trained modules")
+    parser.add_argument("--rank", type=positive_int, dest="lora_r", help="LoRA rank r")
+    parser.add_argument("--alpha", type=positive_int, help="LoRA alpha")
+    parser.add_argument("--max-length", type=positive_int)
+    parser.add_argument("--micro-batch-size", type=positive_int)
+    parser.add_argument("--global-batch-size", type=positive_int)
     parser.add_argument("--deepspeed", help="zero2 | zero3 | zero3_offload | a JSON path")
     parser.add_argument("--qlora", action="store_true", help="load the LLM in 4 bits (bitsandbytes + a GPU)")
     _set_args(parser)
@@ -90,7 +95,8 @@ def finetune_lora_main(argv: Sequence[str] | None = None) -> int:
     if args.qlora:
         sets.append("lora.quantize=4bit")
     config = load_stage(args.recipe, sets + args.overrides)
-    run_stage(config, resume=not args.no_resume)
+    with naming_model(config.init.model or args.model):
+        run_stage(config, resume=not args.no_resume)
     return 0
 
 
@@ -108,7 +114,8 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> int:
     from train.lora import merge_adapter
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = merge_adapter(args.adapter, args.out, dtype=dtype)
+    with naming_model(args.adapter):
+        out = merge_adapter(args.adapter, args.out, dtype=dtype)
     print(f"merged {args.adapter} into {out}")
     return 0
 
@@ -121,33 +128,51 @@ def data_main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check", help="report every sample training would skip, with its reason")
     check.add_argument("target", metavar="CONFIG_OR_FILE",
                        help="a stage recipe, a dataset registry YAML, or a data file / saved dataset directory")
-    check.add_argument("--media", help="media folder (for a data file)")
+    check.add_argument("--media", help="media folder of a data file: image paths are relative to it and must stay "
+                       "inside (default: the data file's folder)")
     check.add_argument("--allow-outside-media", action="store_true",
                        help="(for a data file) let records name absolute paths and ../ escapes out of --media")
     check.add_argument("--format", choices=["llava", "messages"])
     check.add_argument("--mixture", help="check only these datasets of a registry (mixture syntax)")
     check.add_argument("--model", help="checkpoint whose tokenizer / chat template / token layout to use")
     check.add_argument("--preset", help="a tiny preset instead of --model (tests)")
-    check.add_argument("--max-length", type=int, help="token limit after image expansion (default: the recipe's, "
+    check.add_argument("--max-length", type=positive_int, help="token limit after image expansion (default: the recipe's, "
                        "else 8192)")
     check.add_argument("--num-look-close", help="look-close steps used in training (int or 'all')")
-    check.add_argument("--num-token-look-close", type=int, help="patches per image used in training")
+    check.add_argument("--num-token-look-close", type=positive_int, help="patches per image used in training")
     check.add_argument("--no-images", action="store_true", help="skip decoding the images")
-    check.add_argument("--workers", type=int, default=8)
-    check.add_argument("--show", type=int, default=None, help="list at most N bad samples")
+    check.add_argument("--workers", type=positive_int, default=8, help="threads (default: %(default)s)")
+    check.add_argument("--show", type=non_negative_int, default=None, help="list at most N bad samples")
     check.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    _set_args(check)
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="(for a stage recipe) override a field it reads: " + ", ".join(CHECK_READS))
     args = parser.parse_args(argv)
+    ignored = [item for item in args.overrides if not _read_by_check(item, args.target)]
+    if ignored:
+        check.error(f"--set {ignored[0]}: data check reads only "
+                    + (", ".join(CHECK_READS) + " of a stage recipe" if _kind(args.target) == "stage"
+                       else "a stage recipe's fields (this target is not one)"))
     try:
         report = run_check(args)
     except (OSError, ValueError, KeyError) as err:  # a data file that cannot be opened at all: say which and why
-        print(f"vila-hd data check: error: {err}", file=sys.stderr)
+        if errors.DEBUG:
+            traceback.print_exc()
+        print(f"vila-hd data check: error: {errors.describe(err)}", file=sys.stderr)
         return 2
     print(report.format(args.show))
     if args.json:
-        with open(args.json, "w") as f:
+        with errors.naming_file(args.json, "report"), open(args.json, "w") as f:
             f.write(report.to_json())
     return 1 if report.bad else 0
+
+
+# The stage-recipe fields `data check` reads (a key or a key under it); --set of any other is refused.
+CHECK_READS = ("init", "data.registry", "data.datasets", "data.mixture", "data.max_length", "look_close")
+
+
+def _read_by_check(item: str, target: str) -> bool:
+    key = item.split("=", 1)[0].strip()
+    return _kind(target) == "stage" and any(key == k or key.startswith(k + ".") for k in CHECK_READS)
 
 
 def _kind(path: str) -> str:

@@ -19,11 +19,18 @@ Relative paths in a stage YAML are taken from the current directory (run from th
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from vila_hd.errors import ConfigError, naming_file
 
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -73,9 +80,9 @@ class InitConfig:
     def validate(self) -> None:
         forms = [self.model is not None, self.ps3 is not None or self.llm is not None, self.preset is not None]
         if sum(forms) != 1:
-            raise ValueError("init needs exactly one of: model, ps3 + llm, preset")
+            raise ConfigError("init needs exactly one of: model, ps3 + llm, preset")
         if (self.ps3 is None) != (self.llm is None):
-            raise ValueError("init from base checkpoints needs both ps3 and llm")
+            raise ConfigError("init from base checkpoints needs both ps3 and llm")
 
 
 @dataclass
@@ -85,7 +92,7 @@ class DataConfig:
     mixture: str | None = None  # default: every registered dataset once
     max_length: int = 8192  # tokens after image expansion; longer samples are skipped and counted
     packing: bool = False  # pack each micro-batch's samples into rows of max_length (no cross-attention)
-    num_workers: int = 2
+    num_workers: int | None = None  # DataLoader workers (None: min(4, the CPU cores this process may use))
     seed: int = 0  # mixture fractions
 
 
@@ -168,17 +175,17 @@ class CompileConfig:
 
     def validate(self) -> None:
         if self.mode not in COMPILE_MODES:
-            raise ValueError(f"compile.mode must be one of {list(COMPILE_MODES)}, got {self.mode!r}")
+            raise ConfigError(f"compile.mode must be one of {list(COMPILE_MODES)}, got {self.mode!r}")
         for name in ("enabled", "llm", "vision"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"compile.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ConfigError(f"compile.{name} must be true or false, got {getattr(self, name)!r}")
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
-            raise ValueError(f"compile.dynamic must be true, false or null, got {self.dynamic!r}")
+            raise ConfigError(f"compile.dynamic must be true, false or null, got {self.dynamic!r}")
         limit = self.recompile_limit
         if limit is not None and (type(limit) is not int or limit < 1):
-            raise ValueError(f"compile.recompile_limit must be a positive integer or null, got {self.recompile_limit!r}")
+            raise ConfigError(f"compile.recompile_limit must be a positive integer or null, got {self.recompile_limit!r}")
         if not isinstance(self.backend, str) or not self.backend:
-            raise ValueError(f"compile.backend must be a backend name, got {self.backend!r}")
+            raise ConfigError(f"compile.backend must be a backend name, got {self.backend!r}")
 
 
 @dataclass
@@ -209,21 +216,22 @@ class StageConfig:
         self.init.validate()
         unknown = set(self.trainable) - set(PARTS)
         if unknown:
-            raise ValueError(f"trainable: unknown part(s) {sorted(unknown)}; parts: {list(PARTS)}")
+            raise ConfigError(f"trainable: unknown part(s) {sorted(unknown)}; parts: {list(PARTS)}")
         for part, lr in self.trainable.items():
             if lr is not None and lr is not False and (not isinstance(lr, (int, float)) or lr <= 0):
-                raise ValueError(f"trainable.{part}: a learning rate must be a positive number, got {lr!r}")
+                raise ConfigError(f"trainable.{part}: a learning rate must be a positive number, got {lr!r}")
         if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
+            raise ConfigError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.data.max_length < 8:
-            raise ValueError(f"data.max_length={self.data.max_length} is too small")
+            raise ConfigError(f"data.max_length={self.data.max_length} is too small")
         if self.batch.micro_batch_size < 1:
-            raise ValueError("batch.micro_batch_size must be >= 1")
+            raise ConfigError("batch.micro_batch_size must be >= 1")
         if self.lora is not None and self.lora.quantize not in (None, "4bit"):
-            raise ValueError(f"lora.quantize must be null or '4bit', got {self.lora.quantize!r}")
+            raise ConfigError(f"lora.quantize must be null or '4bit', got {self.lora.quantize!r}")
         self.compile.validate()
         if self.llm_attention not in LLM_ATTENTION:
-            raise ValueError(f"llm_attention must be one of {list(LLM_ATTENTION)}, got {self.llm_attention!r}")
+            raise ConfigError(f"llm_attention must be one of {list(LLM_ATTENTION)}, got {self.llm_attention!r}")
+        read_deepspeed_config(self.deepspeed)
 
     @property
     def learning_rates(self) -> dict[str, float]:
@@ -240,26 +248,129 @@ def build_section(cls, data: Any, where: str):
     if data is None:
         return cls()
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
-        raise ValueError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         sub = _NESTED.get((cls, name))
         path = f"{where}.{name}" if where else name
         if sub is not None and (value is not None or name != "lora"):
             kwargs[name] = build_section(sub, value, path)
-        elif name == "betas":
-            kwargs[name] = tuple(float(v) for v in value)
         elif name == "trainable" and isinstance(value, dict):
-            kwargs[name] = {k: _number(v, f"{path}.{k}") for k, v in value.items()}
-        elif "float" in str(fields[name].type) and isinstance(value, str):
-            kwargs[name] = _number(value, path)
+            kwargs[name] = {k: _learning_rate(v, f"{path}.{k}") for k, v in value.items()}
         else:
-            kwargs[name] = value
+            kwargs[name] = _limited(cls, name, typed_value(value, hints[name], path), path)
     return cls(**kwargs)
+
+
+# --- typed values: one check over every dataclass field, by its annotation -------------------------------
+_KINDS: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+                          type(None): "null"}
+
+
+def _matches(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as a ``tp`` (YAML's ``2e-5`` string read as a float, a list as a tuple), else ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _matches(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {' or '.join(_describe(a) for a in args)}, got {value!r}")
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        items = args if origin is tuple and args and args[-1] is not Ellipsis else [args[0] if args else Any] * len(value)
+        return origin(_matches(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if origin is dict and isinstance(value, dict):
+        return {k: _matches(v, args[1] if args else Any, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, str):
+        value = _number(value, where)
+    if _is(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+
+
+def _is(value: Any, tp: Any) -> bool:
+    if tp is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    if tp in (int, bool, type(None)):
+        return type(value) is tp
+    return isinstance(tp, type) and isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return _KINDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def typed_value(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against the field annotation ``tp``: ints are ints (not bools), floats finite numbers,
+    bools true/false, strings strings; lists, tuples and mappings item by item. The error names the key."""
+    return _matches(value, tp, where)
+
+
+def _learning_rate(value: Any, where: str) -> Any:
+    """A trainable part's learning rate: a positive finite number, or null / false (frozen)."""
+    if value is None or value is False:
+        return value
+    number = _number(value, where)
+    if type(number) not in (int, float) or not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{where}: a learning rate must be a positive finite number (or null/false: frozen), "
+                          f"got {value!r}")
+    return number
+
+
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1
+
+
+def _range(text: str, test: Callable[[Any], bool]) -> tuple[str, Callable[[Any], bool]]:
+    return text, test
+
+
+# Field limits beyond the type (None always passes where the type allows it): (class name, field) -> check.
+LIMITS: dict[tuple[str, str], tuple[str, Callable[[Any], bool]]] = {
+    ("StageConfig", "max_steps"): _range(">= 1", lambda v: v >= 1),
+    ("StageConfig", "epochs"): _range("> 0", lambda v: v > 0),
+    ("StageConfig", "seed"): _range(f"in 0..{SEED_MAX}", lambda v: 0 <= v <= SEED_MAX),
+    ("DataConfig", "num_workers"): _range(">= 0", lambda v: v >= 0),
+    ("DataConfig", "seed"): _range(f"in 0..{SEED_MAX}", lambda v: 0 <= v <= SEED_MAX),
+    ("LossConfig", "selection_weight"): _range(">= 0", lambda v: v >= 0),
+    ("OptimConfig", "weight_decay"): _range(">= 0", lambda v: v >= 0),
+    ("OptimConfig", "eps"): _range("> 0", lambda v: v > 0),
+    ("OptimConfig", "warmup_ratio"): _range("in [0, 1]", lambda v: 0 <= v <= 1),
+    ("OptimConfig", "warmup_steps"): _range(">= 0", lambda v: v >= 0),
+    ("OptimConfig", "min_lr_ratio"): _range("in [0, 1]", lambda v: 0 <= v <= 1),
+    ("OptimConfig", "max_grad_norm"): _range(">= 0 (0: no clipping)", lambda v: v >= 0),
+    ("OptimConfig", "betas"): _range("in [0, 1)", lambda v: all(0 <= b < 1 for b in v)),
+    ("BatchConfig", "micro_batch_size"): _range(">= 1", lambda v: v >= 1),
+    ("BatchConfig", "global_batch_size"): _range(">= 1", lambda v: v >= 1),
+    ("CheckpointConfig", "every_steps"): _range(">= 1", lambda v: v >= 1),
+    ("CheckpointConfig", "keep_last"): _range(">= 0 (0: keep all)", lambda v: v >= 0),
+    ("LoggingConfig", "every_steps"): _range(">= 1", lambda v: v >= 1),
+    ("LoggingConfig", "peak_tflops"): _range("> 0", lambda v: v > 0),
+    ("LoraConfig", "r"): _range(">= 1", lambda v: v >= 1),
+    ("LoraConfig", "alpha"): _range(">= 1", lambda v: v >= 1),
+    ("LoraConfig", "dropout"): _range("in [0, 1)", lambda v: 0 <= v < 1),
+}
+
+
+def _limited(cls: type, name: str, value: Any, where: str) -> Any:
+    limit = LIMITS.get((cls.__name__, name))
+    if limit is not None and value is not None and not limit[1](value):
+        raise ConfigError(f"{where}: expected a value {limit[0]}, got {value!r}")
+    return value
 
 
 def _number(value: Any, where: str) -> Any:
@@ -268,7 +379,7 @@ def _number(value: Any, where: str) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     return value
 
 
@@ -290,7 +401,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else None
         node = data
@@ -300,7 +411,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {part} is not a mapping")
+                raise ConfigError(f"--set {key}: {part} is not a mapping")
         node[parts[-1]] = value
     return data
 
@@ -314,12 +425,12 @@ def stage_from_dict(data: dict[str, Any], overrides: list[str] | None = None) ->
 
 def load_stage(path: str | os.PathLike, overrides: list[str] | None = None) -> StageConfig:
     """Read a stage YAML and apply ``--set`` overrides; errors name the offending key."""
-    with open(path) as f:
+    with open(path) as f, naming_file(path, "recipe"):
         data = yaml.safe_load(f) or {}
     try:
         return stage_from_dict(data, overrides)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def deepspeed_config_path(name_or_path: str) -> str:
@@ -329,4 +440,19 @@ def deepspeed_config_path(name_or_path: str) -> str:
     candidate = os.path.join(CONFIG_ROOT, "deepspeed", f"{name_or_path}.json")
     if os.path.exists(candidate):
         return candidate
-    raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} is neither a file nor a name in {os.path.dirname(candidate)}")
+    raise ConfigError(f"deepspeed: {name_or_path!r} is neither a file nor a name in {os.path.dirname(candidate)}")
+
+
+def read_deepspeed_config(name_or_path: str) -> dict[str, Any]:
+    """The DeepSpeed JSON config ``deepspeed`` names (a name in configs/deepspeed/ or a path); a file that is
+    not a JSON object is refused with a message naming it."""
+    path = deepspeed_config_path(name_or_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"deepspeed: {path} is not a DeepSpeed JSON config ({err}); give zero2, zero3, "
+                          f"zero3_offload or the path of a JSON file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed: {path} is not a DeepSpeed JSON config (a JSON object); got {type(data).__name__}")
+    return data

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from llava_compat import datasets as ds
-from train.config import PARTS, StageConfig, deepspeed_config_path, part_of
+from train.config import PARTS, StageConfig, part_of, read_deepspeed_config
 
 # --- model ------------------------------------------------------------------------------------------
 
@@ -80,7 +80,8 @@ def load_init_processor(config: StageConfig):
     from vila_hd.model.hub import resolve_model_dir
     from vila_hd.processing import VilaHDProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(init.llm)
+    llm = resolve_model_dir(init.llm, kind="processor")  # metadata only; refuses a directory naming custom code
+    tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=False)
     if tokenizer.convert_tokens_to_ids("<image>") in (None, tokenizer.unk_token_id):
         tokenizer.add_tokens(["<image>"], special_tokens=True)
     overrides = {k: v for k, v in init.model_overrides.items() if k in VilaHDConfig.__init__.__code__.co_varnames}
@@ -88,7 +89,7 @@ def load_init_processor(config: StageConfig):
     vision = read_vision_config(resolve_model_dir(init.ps3, kind="model"))
     if "max_select_num" in init.model_overrides:
         vision.max_select_num = init.model_overrides["max_select_num"]
-    cfg = VilaHDConfig(vision_config=vision, text_config=AutoConfig.from_pretrained(init.llm),
+    cfg = VilaHDConfig(vision_config=vision, text_config=AutoConfig.from_pretrained(llm, trust_remote_code=False),
                        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **overrides)
     return VilaHDProcessor.from_config(cfg, tokenizer)
 
@@ -216,7 +217,15 @@ def build_data(config: StageConfig, processor, world: int, rank: int, grad_accum
     collator = Collator(pad, size, config.data.max_length, packing=config.data.packing,
                         image_token_id=processor.image_token_id, low_res_tokens=low_res)
     sampler = StepSampler(len(dataset), config.batch.micro_batch_size, grad_accum, world, rank, config.seed)
-    return StageData(dataset, collator, sampler, config.data.num_workers, config.seed)
+    return StageData(dataset, collator, sampler, loader_workers(config.data.num_workers), config.seed)
+
+
+def loader_workers(configured: int | None) -> int:
+    """DataLoader workers: the recipe's, or min(4, the CPU cores this process may use) when it sets none."""
+    if configured is not None:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores)
 
 
 def grad_accumulation(config: StageConfig, world: int) -> int:
@@ -309,8 +318,7 @@ def run_stage(config: StageConfig, resume: bool = True, until: int | None = None
 
     accum = grad_accumulation(config, world)
     data = build_data(config, processor, world, rank, accum)
-    with open(deepspeed_config_path(config.deepspeed)) as f:
-        ds_template = json.load(f)
+    ds_template = read_deepspeed_config(config.deepspeed)
     if rank == 0:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "stage.json"), "w") as f:

@@ -16,11 +16,13 @@ come anywhere after the command) prints its traceback too. Anything else is a bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
+import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from vila_hd import __version__, errors
 
@@ -61,6 +63,26 @@ def positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
+    if not 0 < number < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
     return number
 
 
@@ -250,7 +272,7 @@ def load_engine(args: argparse.Namespace, prog: str, image_cache_size: int = 4):
         flush=True,
     )
     try:
-        return Engine.from_pretrained(
+        engine = Engine.from_pretrained(
             args.model,
             args.adapter,
             options=generation_options(args),
@@ -261,11 +283,78 @@ def load_engine(args: argparse.Namespace, prog: str, image_cache_size: int = 4):
             load_4bit=args.load_4bit,
             image_cache_size=image_cache_size,
         )
-    except (OSError, ValueError, ImportError, RuntimeError) as err:
+        check_chat_template(engine.processor, args.model)
+        return engine
+    except Exception as err:  # noqa: BLE001 - user errors are reported; anything else is a bug, re-raised
+        if not (errors.is_user_error(err) or isinstance(err, (ImportError, RuntimeError))):
+            raise
         if errors.DEBUG:
             traceback.print_exc()
-        print(f"{prog}: error: cannot load the model: {errors.describe(err)}", file=sys.stderr)
+        print(f"{prog}: error: cannot load the model: {model_error(err, args.model, args.adapter)}", file=sys.stderr)
         return None
+
+
+@contextlib.contextmanager
+def naming_model(model: str, adapter: str | None = None) -> Iterator[None]:
+    """Re-raise a library's parse error while loading ``model`` (a corrupt safetensors file, a chat template
+    the sandbox refuses, a JSON file that does not parse) as a user error naming the file."""
+    try:
+        yield
+    except errors.VilaHDError:
+        raise
+    except errors.library_errors() as err:
+        raise errors.FileFormatError(model_error(err, model, adapter)) from err
+
+
+def model_error(err: BaseException, model: str, adapter: str | None = None) -> str:
+    """One line for a model that cannot be loaded, naming the culprit file (a corrupt safetensors file is
+    looked for in the checkpoint directories) or at least the checkpoint."""
+    from jinja2.exceptions import TemplateError
+    from safetensors import SafetensorError
+
+    detail = errors.describe(err)
+    if isinstance(err, TemplateError):
+        detail = template_error(err, model)
+    elif isinstance(err, SafetensorError):
+        culprit = corrupt_safetensors([d for d in (model, adapter) if d])
+        detail = f"{culprit} is not a valid safetensors file ({detail}): re-download or re-save it" if culprit else detail
+    named = [d for d in (model, adapter) if d and d in detail]
+    return detail if named else f"{model}: {detail}"
+
+
+def corrupt_safetensors(directories: Sequence[str]) -> str | None:
+    """The first ``*.safetensors`` file under ``directories`` (and their VILA-layout subfolders) whose header
+    does not parse, else ``None``."""
+    from safetensors import SafetensorError, safe_open
+
+    for directory in directories:
+        for folder in (directory, *(os.path.join(directory, d) for d in ("llm", "vision_tower", "mm_projector"))):
+            names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+            for name in (n for n in names if n.endswith(".safetensors")):
+                try:
+                    with safe_open(os.path.join(folder, name), framework="pt"):
+                        pass
+                except (SafetensorError, OSError):
+                    return os.path.join(folder, name)
+    return None
+
+
+def check_chat_template(processor, model: str) -> None:
+    """Render a one-question chat with the checkpoint's template, so that a template the sandbox refuses (or
+    that fails) is reported at load time with its file, not in the middle of a chat."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        processor.apply_chat_template([{"role": "user", "content": "hello"}])
+    except TemplateError as err:
+        raise errors.FileFormatError(template_error(err, model)) from err
+
+
+def template_error(err: BaseException, model: str) -> str:
+    source = next((os.path.join(d, n) for d in (model, os.path.join(model, "llm"))
+                   for n in ("chat_template.jinja", "tokenizer_config.json") if os.path.exists(os.path.join(d, n))),
+                  model)
+    return f"the chat template in {source} cannot be used: {errors.describe(err)} (fix or replace the template)"
 
 
 # --- the entry point ----------------------------------------------------------------------------------

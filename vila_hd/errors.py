@@ -104,7 +104,7 @@ def naming_file(path: str | os.PathLike, what: str = "file") -> Iterator[None]:
     except VilaHDError:
         raise
     except library_errors() as err:
-        raise FileFormatError(f"{what} {os.fspath(path)} cannot be read: {describe(err)}") from err
+        raise FileFormatError(f"{what} {os.fspath(path)}: {describe(err)}") from err
     except OSError as err:
         if err.filename is not None or err.errno is None:
             raise

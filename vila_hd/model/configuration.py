@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from vila_hd.errors import VilaHDError
 from vila_hd.ps3.configuration import PS3VisionConfig
 from vila_hd.ps3.configuration import preset_config as ps3_preset_config
 
@@ -91,6 +92,9 @@ class VilaHDConfig(PretrainedConfig):
         prompt_end_token_ids: list[int] | None = None,
         **kwargs,
     ):
+        for where, fields in (("", kwargs), ("vision_config.", vision_config), ("text_config.", text_config)):
+            if isinstance(fields, dict):
+                check_dtype_fields(fields, where)
         vision_config = _vision_config(vision_config)
         text_config = _text_config(text_config)
         kwargs.setdefault("tie_word_embeddings", bool(getattr(text_config, "tie_word_embeddings", False)))
@@ -143,6 +147,21 @@ class VilaHDConfig(PretrainedConfig):
         out["vision_config"] = self.vision_config.to_dict()
         out["text_config"] = self.text_config.to_dict()
         return out
+
+
+def check_dtype_fields(fields: dict[str, Any], where: str = "") -> None:
+    """Refuse a config's ``torch_dtype`` / ``dtype`` that is not a torch dtype name (``float32``, ``bfloat16``,
+    ..., or ``auto``): transformers would look any string up as an attribute of ``torch``."""
+    import torch
+
+    for key in ("torch_dtype", "dtype"):
+        value = fields.get(key)
+        if value is None or isinstance(value, torch.dtype) or value == "auto":
+            continue
+        name = value[len("torch."):] if isinstance(value, str) and value.startswith("torch.") else value
+        if not (isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype)):
+            raise VilaHDError(f"config.json: {where}{key}={value!r} is not a torch dtype (float32, bfloat16, "
+                              "float16, ... or auto); fix the checkpoint's config.json")
 
 
 def _vision_config(value) -> PS3VisionConfig:
