@@ -5,7 +5,8 @@
   ``modules_to_save``: they are saved *inside* the adapter (``adapter_model.safetensors``), so any
   checkpoint's ``adapter/`` directory loads with plain ``PeftModel.from_pretrained`` -- in chat and eval
   (which recognise an adapter by its ``adapter_config.json``) and in :func:`merge_adapter`;
-- QLoRA (``quantize: 4bit``) loads the LLM in 4 bits with bitsandbytes (a CUDA GPU is required).
+- QLoRA (``quantize: 4bit``) loads the LLM in 4 bits with bitsandbytes (a CUDA GPU is required), with the NF4
+  settings of :mod:`vila_hd.model.quantization` (NF4 + double quantisation), the same ones 4-bit serving uses.
 
 An adapter directory holds ``adapter_config.json`` (``base_model_name_or_path`` = the base checkpoint),
 ``adapter_model.safetensors`` and the processor files (tokenizer, chat template, image processor).
@@ -13,6 +14,7 @@ An adapter directory holds ``adapter_config.json`` (``base_model_name_or_path`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any
@@ -60,9 +62,17 @@ def apply_lora(model: nn.Module, settings: LoraSettings, trainable_parts: list[s
         modules_to_save=save or None,
         bias="none",
     )
-    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing for the user to change
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with peft_quietly():
         return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing``: drop that FutureWarning (nothing for
+    the user to change), and only it, around our peft calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def is_lora_param(name: str) -> bool:
@@ -107,11 +117,13 @@ def load_adapter_model(adapter_dir: str, dtype: torch.dtype | None = None, merge
 
     from peft import PeftModel
 
+    from vila_hd.model.hub import refuse_unsafe_adapter
     from vila_hd.processing import PROCESSOR_CONFIG, VilaHDProcessor
 
     config_file = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{adapter_dir} is not an adapter directory (no {ADAPTER_CONFIG})")
+    refuse_unsafe_adapter(adapter_dir)  # before the base is loaded, and before peft would unpickle a .bin
     with open(config_file) as f:
         base = json.load(f).get("base_model_name_or_path")
     if not base or not os.path.exists(base):
@@ -120,7 +132,8 @@ def load_adapter_model(adapter_dir: str, dtype: torch.dtype | None = None, merge
     model, processor = load_base_model(base, dtype)
     if os.path.isfile(os.path.join(adapter_dir, PROCESSOR_CONFIG)):
         processor = VilaHDProcessor.from_pretrained(adapter_dir)
-    wrapped = PeftModel.from_pretrained(model, adapter_dir)
+    with peft_quietly():
+        wrapped = PeftModel.from_pretrained(model, adapter_dir, trust_remote_code=False)
     model = wrapped.merge_and_unload() if merge else wrapped
     return model, processor
 
@@ -135,14 +148,8 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: torch.dtype | None = No
 
 
 def four_bit_config(dtype: torch.dtype):
-    """bitsandbytes NF4 config for QLoRA (the vision tower, projector and LM head stay unquantised)."""
-    import importlib.util
+    """bitsandbytes config for QLoRA: :func:`vila_hd.model.quantization.nf4_config`, as 4-bit serving uses."""
+    from vila_hd.model.quantization import nf4_config, require_four_bit_support
 
-    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-        missing = "bitsandbytes is not installed" if importlib.util.find_spec("bitsandbytes") is None else "no CUDA GPU"
-        raise ValueError(f"lora.quantize=4bit (QLoRA) needs bitsandbytes and a CUDA GPU ({missing})")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                              bnb_4bit_use_double_quant=True,
-                              llm_int8_skip_modules=["vision_tower", "mm_projector", "lm_head"])
+    require_four_bit_support("lora.quantize=4bit (QLoRA)")
+    return nf4_config(dtype)

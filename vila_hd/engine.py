@@ -405,7 +405,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, what: str = "model", **hub
     path, local = locate(path_or_id, f"{what} directory")
     if local and not os.path.isdir(path):
         raise NotADirectoryError(f"{what} {path} is a file; expected a checkpoint directory or a Hub id")
-    return path if local else resolve_model_dir(path, kind="model", **hub_kwargs)
+    return resolve_model_dir(path, kind="model", **hub_kwargs)  # a local directory: checked for custom code
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -496,23 +496,11 @@ def _load_base(model_dir: str, device: torch.device, dtype: torch.dtype, device_
 
 
 def _four_bit_config(device: torch.device, dtype: torch.dtype):
-    import importlib.util
+    """The NF4 settings QLoRA trains with (:mod:`vila_hd.model.quantization`: one definition for both)."""
+    from vila_hd.model.quantization import nf4_config, require_four_bit_support
 
-    if importlib.util.find_spec("bitsandbytes") is None or device.type != "cuda":
-        missing = (
-            "bitsandbytes is not installed"
-            if importlib.util.find_spec("bitsandbytes") is None
-            else f"the device is {device}"
-        )
-        raise ValueError(f"--load-4bit needs bitsandbytes and a CUDA GPU ({missing})")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=["vision_tower", "mm_projector", "lm_head"],
-    )
+    require_four_bit_support("--load-4bit", device)
+    return nf4_config(dtype)
 
 
 def _load_processor(adapter_dir: str | None, model_dir: str):
@@ -528,10 +516,14 @@ def _apply_adapter(model, adapter_dir: str, merge: bool):
         from peft import PeftModel
     except ImportError as err:
         raise ImportError(f"loading the adapter {adapter_dir} needs peft (pip install peft)") from err
-    from vila_hd.model.hub import refuse_pickled_weights
+    from vila_hd.model.hub import refuse_unsafe_adapter
 
-    refuse_pickled_weights(adapter_dir, "LoRA adapter")  # (peft would unpickle adapter_model.bin weights-only)
-    wrapped = PeftModel.from_pretrained(model, adapter_dir)
+    refuse_unsafe_adapter(adapter_dir)  # before peft would unpickle adapter_model.bin (weights-only)
+    import warnings
+
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: not ours
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        wrapped = PeftModel.from_pretrained(model, adapter_dir, trust_remote_code=False)
     # peft injects the LoRA layers in place: the unwrapped model runs with them (merged or not).
     return wrapped.merge_and_unload() if merge else wrapped.get_base_model()
 
