@@ -13,12 +13,13 @@ Registry YAML (paths relative to the registry file)::
 
     llava_sft:
       path: data/llava_v1_5_mix665k.json     # .json / .jsonl (LLaVA), .parquet, a saved dataset directory
-      media: data/images                      # folder the image paths are relative to
+      media: data/images                      # folder the image paths are relative to (default: the file's folder)
       format: llava                           # llava | messages (default: llava for .json/.jsonl)
       allow_outside_media: false              # true: records may name absolute paths and ../ escapes
 
-Image paths of records are relative to ``media`` and must stay inside it: an absolute path or a ``..`` that
-leaves the folder is a bad sample (``image path escapes the media folder``) unless the entry sets
+Image paths of records are relative to ``media`` (default: the data file's own folder) and must stay inside it:
+an absolute path, a ``..`` that leaves the folder or a symbolic link in it that points out of it (both sides are
+compared as resolved real paths) is a bad sample (``image path escapes the media folder``) unless the entry sets
 ``allow_outside_media: true`` (scraped data must not make training read arbitrary files).
 
 Mixtures: ``a+b*3+c@0.5`` -- ``*N`` repeats a dataset N times, ``@F`` keeps a fixed pseudo-random fraction
@@ -79,7 +80,7 @@ class DatasetEntry:
 
     name: str
     path: str
-    media: str | None = None
+    media: str | None = None  # make_entry sets it (default: the data file's folder); None: paths taken as is
     format: str = "llava"
     allow_outside_media: bool = False  # let records name absolute paths / ../ escapes out of ``media``
 
@@ -111,8 +112,15 @@ def make_entry(name: str, spec: dict[str, Any], base_dir: str | None = None) -> 
     fmt = spec.get("format") or _guess_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"dataset {name!r}: format must be one of {FORMATS}, got {fmt!r}")
-    return DatasetEntry(name=name, path=path, media=resolve(spec.get("media")), format=fmt,
-                        allow_outside_media=allow_outside)
+    media = resolve(spec.get("media")) or default_media(path)
+    return DatasetEntry(name=name, path=path, media=media, format=fmt, allow_outside_media=allow_outside)
+
+
+def default_media(path: str) -> str:
+    """The media folder of a dataset that names none: the data file's own folder (a saved dataset directory: the
+    directory itself), never the current directory."""
+    path = os.path.abspath(path)
+    return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 def load_registry(path: str | os.PathLike) -> dict[str, DatasetEntry]:
@@ -264,11 +272,20 @@ def resolve_media_path(path: Any, media: str | None, allow_outside: bool = False
         return path
     root = os.path.abspath(media)
     full = os.path.abspath(os.path.join(root, path))  # an absolute `path` replaces the root here
-    if not allow_outside and os.path.commonpath([root, full]) != root:
+    if not allow_outside and not inside(root, full):
         kind = "an absolute path" if os.path.isabs(path) else "a path"
+        if os.path.commonpath([root, full]) == root:  # inside by name: a symbolic link leads out
+            kind = "a symbolic link (or a path through one) that leads"
         raise SampleError(PATH_ESCAPES, f"{path!r} is {kind} outside the media folder {root} (set "
                                         "allow_outside_media: true on the dataset to allow that)")
     return full
+
+
+def inside(root: str, path: str) -> bool:
+    """Whether ``path`` lies in folder ``root`` once both are resolved (symbolic links followed, ``..`` removed):
+    a link in the folder that points out of it is outside."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    return os.path.commonpath([real_root, real]) == real_root
 
 
 def _boxes(record: dict, num_images: int) -> list[list[float] | None]:

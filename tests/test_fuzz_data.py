@@ -52,6 +52,9 @@ def media(tmp_path_factory):
     if hasattr(os, "mkfifo"):
         os.mkfifo(folder / "fifo.png")
     Image.new("RGB", (20, 20)).save(root / "secret.png")  # outside the media folder
+    os.symlink(root / "secret.png", folder / "out_link.png")  # links in the folder that lead out of it
+    os.symlink(root, folder / "out_dir")
+    os.symlink(folder / "a.png", folder / "in_link.png")  # a link that stays inside
     return str(folder)
 
 
@@ -74,7 +77,8 @@ JUNK = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_n
                  st.just("<image>"), st.just([]), st.just({}), st.lists(st.integers(), max_size=2))
 PATHS = st.sampled_from(["a.png", "b.jpg", "sub/../a.png", "missing.png", "broken.png", "empty.png", "loop.png",
                          "dangling.png", "fifo.png", "sub", "../secret.png", "sub/../../secret.png", "/etc/passwd",
-                         "/dev/zero", "", "a.png\x00x", "\udcff.png", "~/a.png", "./a.png"])
+                         "/dev/zero", "", "a.png\x00x", "\udcff.png", "~/a.png", "./a.png", "out_link.png",
+                         "out_dir/secret.png", "in_link.png"])
 TEXT = st.one_of(st.sampled_from(["What?", "<image>\nWhat?", "<image><image> two", "", "  ", "\udcff lone",
                                   "x " * 3000, "caf\u00e9 \u4e2d\u6587 \U0001f600"]), st.text(min_size=1, max_size=20))
 TURN = st.one_of(
@@ -242,6 +246,9 @@ PATH_CASES = {
     "sub/../../secret.png": ds.PATH_ESCAPES,
     "/etc/passwd": ds.PATH_ESCAPES,
     "/dev/zero": ds.PATH_ESCAPES,
+    "out_link.png": ds.PATH_ESCAPES,  # a symlinked file pointing out of the folder
+    "out_dir/secret.png": ds.PATH_ESCAPES,  # through a symlinked folder pointing out of it
+    "in_link.png": None,
     "missing.png": ds.MISSING_IMAGE,
     "broken.png": ds.UNREADABLE_IMAGE,
     "empty.png": ds.UNREADABLE_IMAGE,
@@ -274,12 +281,14 @@ def dataset_of_encoder(source, encoder) -> TrainingDataset:
 def test_outside_paths_only_when_the_dataset_allows_them(encoder, media, tmp_path):
     secret = os.path.join(os.path.dirname(media), "secret.png")
     rows = [{"id": "abs", "image": secret, "conversations": GOOD_TURNS},
-            {"id": "up", "image": "../secret.png", "conversations": GOOD_TURNS}]
+            {"id": "up", "image": "../secret.png", "conversations": GOOD_TURNS},
+            {"id": "link", "image": "out_link.png", "conversations": GOOD_TURNS},
+            {"id": "dir", "image": "out_dir/secret.png", "conversations": GOOD_TURNS}]
     path = tmp_path / "d.json"
     path.write_text(json.dumps(rows))
     strict = ds.open_source(ds.make_entry("d", {"path": str(path), "media": media}))
     allowed = ds.open_source(ds.make_entry("d", {"path": str(path), "media": media, "allow_outside_media": True}))
-    for i in range(2):
+    for i in range(len(rows)):
         assert agree(strict, i, encoder, dataset_of_encoder(strict, encoder)) == ds.PATH_ESCAPES
         assert agree(allowed, i, encoder, dataset_of_encoder(allowed, encoder)) is None
     with pytest.raises(ValueError, match="allow_outside_media must be true or false"):
@@ -390,18 +399,48 @@ def test_data_check_command(media, tmp_path, capsys):
     rows = [{"id": "ok", "image": "a.png", "conversations": GOOD_TURNS},
             {"id": "abs", "image": secret, "conversations": GOOD_TURNS},
             {"id": "up", "image": "../secret.png", "conversations": GOOD_TURNS},
-            {"id": "loop", "image": "loop.png", "conversations": GOOD_TURNS}]
+            {"id": "loop", "image": "loop.png", "conversations": GOOD_TURNS},
+            {"id": "link", "image": "out_link.png", "conversations": GOOD_TURNS},
+            {"id": "dir", "image": "out_dir/secret.png", "conversations": GOOD_TURNS}]
     path = tmp_path / "d.jsonl"
     path.write_bytes(("\n".join(json.dumps(r) for r in rows) + "\n").encode() + b"\xff\n")
     report = tmp_path / "report.json"
     assert data_main(["check", str(path), "--media", media, "--preset", "tiny", "--json", str(report)]) == 1
     found = {b["id"]: b["reason"] for b in json.loads(report.read_text())["bad"]}
-    assert found == {"abs": ds.PATH_ESCAPES, "up": ds.PATH_ESCAPES, "loop": ds.UNREADABLE_IMAGE, "#4": ds.MALFORMED}
+    assert found == {"abs": ds.PATH_ESCAPES, "up": ds.PATH_ESCAPES, "loop": ds.UNREADABLE_IMAGE, "#6": ds.MALFORMED,
+                     "link": ds.PATH_ESCAPES, "dir": ds.PATH_ESCAPES}
     assert data_main(["check", str(path), "--media", media, "--preset", "tiny", "--json", str(report),
                       "--allow-outside-media"]) == 1
-    assert {b["id"] for b in json.loads(report.read_text())["bad"]} == {"loop", "#4"}
+    assert {b["id"] for b in json.loads(report.read_text())["bad"]} == {"loop", "#6"}
     document = tmp_path / "d.json"
     document.write_bytes(b'[{"id": "x", "conversations": []}\xff]')
     capsys.readouterr()
     assert data_main(["check", str(document), "--media", media]) == 2
     assert "d.json is not a UTF-8 JSON document" in capsys.readouterr().err
+
+
+def test_without_media_paths_are_relative_to_the_data_file_and_stay_inside(media, tmp_path, monkeypatch):
+    """No --media: image paths resolve against the data file's folder (not the current directory) and a ``../``
+    escape out of it is refused, also when `data check` runs from that folder; --allow-outside-media lets it in."""
+    from train.cli import data_main
+
+    data_dir = os.path.dirname(media)  # holds secret.png, next to the media folder
+    rows = [{"id": "ok", "image": "media/a.png", "conversations": GOOD_TURNS},
+            {"id": "up", "image": "../data_outside.png", "conversations": GOOD_TURNS},
+            {"id": "link", "image": "media/out_link.png", "conversations": GOOD_TURNS}]
+    path = os.path.join(data_dir, "nomedia.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    Image.new("RGB", (20, 20)).save(os.path.join(os.path.dirname(data_dir), "data_outside.png"))
+    report = tmp_path / "report.json"
+    for cwd in (data_dir, tmp_path):  # from the dataset's folder and from elsewhere: the same verdicts
+        monkeypatch.chdir(cwd)
+        assert data_main(["check", path, "--preset", "tiny", "--json", str(report)]) == 1
+        found = {b["id"]: b["reason"] for b in json.loads(report.read_text())["bad"]}
+        assert found == {"up": ds.PATH_ESCAPES}, cwd  # out_link.png leads to secret.png: still inside data_dir
+    assert data_main(["check", path, "--preset", "tiny", "--json", str(report), "--allow-outside-media"]) == 0
+    entry = ds.make_entry("d", {"path": path})
+    assert entry.media == data_dir
+    with pytest.raises(ds.SampleError, match="outside the media folder") as err:
+        ds.open_source(entry)[1]
+    assert err.value.reason == ds.PATH_ESCAPES
