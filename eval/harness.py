@@ -32,6 +32,7 @@ from typing import Any
 from eval.benchmarks.base import Benchmark, Sample
 from eval.metrics import accuracy_by, mean, percentile, resolution_bucket
 from eval.predictor import BatchPredictor, LikelihoodPredictor, Prediction, Predictor
+from vila_hd.errors import VilaHDError
 
 MC_MODES = ("generate", "likelihood")
 # Failures of one sample that should not stop a run (a broken image, a prompt too long for the context, an
@@ -142,7 +143,7 @@ def run_benchmark(
     return write_summary(benchmark, out, samples, settings)
 
 
-class MissingRepliesError(ValueError):
+class MissingRepliesError(VilaHDError):
     """Saved replies do not cover every question of the run."""
 
 

@@ -273,3 +273,24 @@ def test_executable_full_disk_on_dev_full(tmp_path):
     full = vila_hd("data", "check", data, "--no-images", "--json", "/dev/full", cwd=tmp_path)
     assert full.returncode == 1
     one_error_line(full.stderr, "/dev/full: No space left on device", "the disk is full")
+
+
+def test_project_error_types_are_user_errors(capsys, monkeypatch):
+    from eval.benchmarks.base import FormatError
+    from eval.harness import MissingRepliesError
+    from train.checkpoint import UnsafeCheckpointError
+    from train.pretrain.data import RecordError
+    from vila_hd.images import ImageLoadError
+
+    for kind in (FormatError, MissingRepliesError, UnsafeCheckpointError, RecordError, ImageLoadError):
+        assert issubclass(kind, errors.VilaHDError) and issubclass(kind, ValueError), kind
+    assert issubclass(UnsafeCheckpointError, RuntimeError)  # what callers caught before
+    import train.cli
+
+    def refuse(argv):
+        raise UnsafeCheckpointError("/ckpt/step_2/model_states.pt holds objects other than tensors")
+
+    monkeypatch.setattr(train.cli, "merge_lora_main", refuse)
+    code, err = run_main(capsys, "merge-lora", "--adapter", "a", "--out", "b")
+    assert code == 1
+    one_error_line(err, "/ckpt/step_2/model_states.pt holds objects other than tensors")

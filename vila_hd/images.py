@@ -46,6 +46,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from vila_hd.errors import VilaHDError
+
 __all__ = ["ACCEPTED_FORMATS", "DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image"]
 
 # Pillow's own hard limit (2 * Image.MAX_IMAGE_PIXELS): about 4K x 4K x 11, far above any training resolution.
@@ -62,7 +64,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(VilaHDError):
     """An image could not be loaded; the message names the image and the reason."""
 
 

@@ -20,13 +20,14 @@ from typing import Any
 
 from eval.answers import option_map, parse_choice
 from eval.metrics import micro_accuracy, open_answer_score
+from vila_hd.errors import VilaHDError
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 ANSWER_PARSERS = ("official", "robust")
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
-class FormatError(ValueError):
+class FormatError(VilaHDError):
     """A benchmark file does not have the publisher's layout; the message names the file, row and field."""
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vila_hd.errors import VilaHDError
 from vila_hd.images import load_image
 
 __all__ = [
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 
-class RecordError(ValueError):
+class RecordError(VilaHDError):
     """A box-caption record is malformed; the message names the record (file:line or index) and the field."""
 
 
