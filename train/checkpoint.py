@@ -7,22 +7,13 @@ Layout under ``<output_dir>/checkpoints/``::
         rng/rank_00000.pt      RNG states of each rank (python, numpy, torch CPU, accelerator)
         trainer_state.json     step, data position, counters, anything the trainer passes as ``state``
         ...                    files of the caller's ``extra`` writer (e.g. the LoRA adapter in PEFT format)
-        manifest.json          every other file: path, size, SHA-256 (written last, atomically)
     latest                     name of the newest complete checkpoint, replaced last (atomic rename)
     .tmp-step_00000200/        a checkpoint being written: never read, removed at the next start
 
 Protocol of :func:`save` (every rank calls it): write everything into ``.tmp-step_N``, barrier, rank 0
-writes ``trainer_state.json``, then the manifest (each file fsynced as it is hashed), then renames it to ``step_N`` (one atomic ``rename`` on a shared file system), then moves ``latest``, then prunes
+renames it to ``step_N`` (one atomic ``rename`` on a shared file system), then moves ``latest``, then prunes
 to the last ``keep_last`` checkpoints. A process killed at any point leaves either the previous state or
 the new one; :func:`find_latest` never returns a partial directory.
-
-Resume (:func:`choose_resume`) verifies the manifest (sizes first, then hashes) and falls back to the newest
-checkpoint that verifies, saying in one line which one was damaged and why; none verifying is a
-:class:`CheckpointDamagedError`. ``latest`` must be a plain ``step_N`` name of a directory directly inside the
-run's checkpoint folder (resolved real paths): anything else is ignored with a message. A checkpoint without a
-manifest (an older version's) is loaded with a warning when no checkpoint of the run has one, and counts as
-damaged otherwise (in a run that writes manifests, a missing one means a deleted file). Pruning never deletes
-the newest checkpoint that verifies. Rank 0 decides and broadcasts the choice: every rank loads the same one.
 
 API: :func:`save`, :func:`find_latest`, :func:`load`, :func:`capture_rng`, :func:`restore_rng`,
 :func:`clean_partial`.
@@ -53,7 +44,6 @@ from vila_hd.errors import VilaHDError
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-MANIFEST = "manifest.json"
 ENGINE_TAG = "engine"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -151,10 +141,9 @@ def save(engine, output_dir: str, step: int, state: dict[str, Any], keep_last: i
     _barrier()
     if rank == 0:
         _write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(dict(state, step=step), indent=2))
-        _write_atomic(os.path.join(tmp, MANIFEST), json.dumps(build_manifest(tmp), indent=1))
         _publish(tmp, final)
         _write_atomic(os.path.join(root, LATEST), step_name(step))
-        prune(root, keep_last, fresh=final)
+        prune(root, keep_last)
     _barrier()
     return final
 
