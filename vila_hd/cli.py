@@ -38,6 +38,7 @@ FORWARDED = {
     "eval": ("eval.cli", "eval_main", "run benchmarks"),
     "synth": ("eval.cli", "synth_main", "generate the synthetic high-resolution benchmark"),
     "convert": ("llava_compat.convert", "main", "convert checkpoints between the VILA layout and our single directory"),
+    "serve": ("vila_hd.serve.cli", "serve_main", "OpenAI-compatible HTTP server"),
     "demo": ("vila_hd.demo", "main", "train a tiny VILA-HD on a synthetic high-res task and report what selection buys"),
 }
 

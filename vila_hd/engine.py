@@ -742,14 +742,23 @@ class Engine:
         return self.generate_batch([conversation], options, **changes)[0]
 
     def generate_batch(
-        self, conversations: Sequence[Conversation], options: GenerationOptions | None = None, **changes: Any
+        self,
+        conversations: Sequence[Conversation],
+        options: GenerationOptions | None = None,
+        *,
+        streamer: BaseStreamer | None = None,
+        stop: threading.Event | None = None,
+        **changes: Any,
     ) -> list[GenerationResult]:
-        """Answer several conversations in one left-padded batch (timings are the batch's)."""
+        """Answer several conversations in one left-padded batch (timings are the batch's). ``streamer``
+        (optional) gets transformers' calls: the prompt ids once, then each step's new ids, one per row (rows
+        that finished get padding); setting ``stop`` ends the whole batch after the current token."""
         options = (options or self.options).updated(**changes)
         start = time.perf_counter()
         inputs, stats = self._prepare(list(conversations), options)
         stats.preprocess_s = time.perf_counter() - start
-        return self._run(inputs, stats, options, [c.images for c in conversations], threading.Event(), None)
+        event = stop if stop is not None else threading.Event()
+        return self._run(inputs, stats, options, [c.images for c in conversations], event, streamer)
 
     def selection(
         self, image: Any, text: str, options: GenerationOptions | None = None, **changes: Any
@@ -878,7 +887,7 @@ class Engine:
         options: GenerationOptions,
         images: list[list[Image.Image]],
         event: threading.Event,
-        chunks: _TextChunks | None,
+        chunks: BaseStreamer | None,
     ) -> list[GenerationResult]:
         from transformers import StoppingCriteriaList
 
