@@ -70,5 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover - errors printed as vila-hd prints them
+    from vila_hd.cli import main as vila_hd_main
+
+    sys.exit(vila_hd_main(["convert", *sys.argv[1:]]))

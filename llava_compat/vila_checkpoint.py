@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from vila_hd.model.hub import CheckpointError
 
 VILA_MODEL_TYPES = ("llava_topdown_llama", "llava_llama", "llava")
 VILA_PROJECTOR_NAMES = {
@@ -34,8 +37,7 @@ VILA_PROJECTOR_NAMES = {
 SUBDIRS = ("llm", "vision_tower", "mm_projector")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model it should fill (names the offending keys)."""
+# CheckpointError: a checkpoint that does not match the model it should fill (one class for every loader).
 
 
 # --- detection and configuration ---------------------------------------------------------------------
@@ -54,8 +56,11 @@ def is_vila_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def _check_layout(path: str) -> dict[str, Any]:
+    from vila_hd.model.hub import refuse_custom_code
+
     if not os.path.isdir(path):
         raise FileNotFoundError(f"VILA checkpoint directory {path} does not exist")
+    refuse_custom_code(path, "VILA checkpoint")  # before any transformers Auto* call reads llm/
     if not is_vila_checkpoint(path):
         raise CheckpointError(f"{path} is not a VILA checkpoint (config.json model_type not in {VILA_MODEL_TYPES})")
     missing = [d for d in SUBDIRS if not os.path.isdir(os.path.join(path, d))]
@@ -87,7 +92,7 @@ def read_vila_config(path: str | os.PathLike):
         raise CheckpointError(
             f"{path}: config.json has ps3={top.get('ps3')!r}; only PS3 (VILA-HD) models are supported"
         )
-    text_config = AutoConfig.from_pretrained(os.path.join(path, "llm"))
+    text_config = AutoConfig.from_pretrained(os.path.join(path, "llm"), trust_remote_code=False)
     vision_config = read_vision_config(os.path.join(path, "vision_tower"))
     proj_cfg_path = os.path.join(path, "mm_projector", "config.json")
     proj_cfg = _read_json(proj_cfg_path) if os.path.exists(proj_cfg_path) else {}
@@ -138,9 +143,10 @@ def load_vila_processor(path: str | os.PathLike, config=None):
     from vila_hd.ps3 import PS3ImageProcessor
 
     path = os.fspath(path)
-    config = config or read_vila_config(path)
+    config = config or read_vila_config(path)  # (it refuses custom code; a given config skipped that)
+    _check_layout(path)
     llm_dir = os.path.join(path, "llm")
-    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
     template = read_chat_template(llm_dir) or getattr(tokenizer, "chat_template", None)
     image_processor = PS3ImageProcessor.from_pretrained(os.path.join(path, "vision_tower"))
     return VilaHDProcessor.from_config(config, tokenizer, image_processor=image_processor, chat_template=template)
@@ -155,48 +161,34 @@ def _dtype_kwargs(dtype) -> dict[str, Any]:
     return {name: dtype}
 
 
-def _raise_on_loading_problems(component: str, info: dict[str, Any]) -> None:
-    """Turn ``from_pretrained``'s loading report into an error naming missing / mis-shaped tensors
-    (unexpected extras are tolerated: released checkpoints carry a few, e.g. PS3's text tower)."""
-    missing = sorted(info.get("missing_keys") or [])
-    mismatched = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in _mismatched(info.get("mismatched_keys"))]
-    if missing or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if mismatched:
-            parts.append(f"mismatched shapes (checkpoint vs model) {mismatched}")
-        raise CheckpointError(f"{component}: " + "; ".join(parts))
+def _check_part(part: str, info: dict[str, Any], path: str, allow_missing_keys, allow_unexpected_keys) -> None:
+    """Raise on the part's missing / unexpected / mis-shaped tensors, named as keys of the combined model
+    (``language_model.*``, ``vision_tower.*``, ``mm_projector.*``: the patterns of our single-directory format)."""
+    from vila_hd.model.hub import check_loading_info
+
+    prefix = _PART_PREFIX[part]
+    named = {
+        "missing_keys": [prefix + k for k in info.get("missing_keys") or ()],
+        "unexpected_keys": [prefix + k for k in info.get("unexpected_keys") or ()],
+        "mismatched_keys": [(prefix + e[0], *e[1:]) if isinstance(e, (tuple, list)) else prefix + str(e)
+                            for e in info.get("mismatched_keys") or ()],
+    }
+    check_loading_info(named, f"VILA checkpoint {path} ({part}/)", allow_missing_keys, allow_unexpected_keys)
 
 
-def _mismatched(entries):
-    for entry in entries or []:
-        if isinstance(entry, (tuple, list)) and len(entry) == 3:
-            yield entry
-        else:  # some versions report bare names
-            yield (entry, (), ())
+_PART_PREFIX = {"llm": "language_model.", "vision_tower": "vision_tower.", "mm_projector": "mm_projector."}
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], component: str) -> None:
-    """``load_state_dict`` that names missing, unexpected and mis-shaped tensors in one error."""
+def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Load the tensors of ``state`` that fit ``module``; returns the loading report (missing, unexpected and
+    mis-shaped keys) for :func:`_check_part` to judge."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            parts.append(f"mismatched shapes (checkpoint vs model) {mismatched}")
-        raise CheckpointError(f"{component}: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+    mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape))
+                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    fitting = {k: v for k, v in state.items() if k in own and state[k].shape == own[k].shape}
+    module.load_state_dict(fitting, strict=False)
+    return {"missing_keys": sorted(set(own) - set(state)), "unexpected_keys": sorted(set(state) - set(own)),
+            "mismatched_keys": mismatched}
 
 
 def read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
@@ -212,13 +204,18 @@ def read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None):
+def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None,
+                    allow_missing_keys: Sequence[str] = (), allow_unexpected_keys: Sequence[str] = ()):
     """Load a VILA-layout checkpoint as a :class:`VilaHDForConditionalGeneration` (eval mode).
 
     ``device``: a device (``"cuda:0"``, ``torch.device``): every part is created empty and filled from its
     safetensors on that device, with no full copy in CPU memory first; an accelerate strategy (``"auto"``,
     ``"balanced"``, ...): the LLM is spread by it and the vision tower and projector go where the LLM's input
-    embeddings are; a dict over the combined model's module names: loaded on the CPU, then dispatched."""
+    embeddings are; a dict over the combined model's module names: loaded on the CPU, then dispatched.
+
+    Missing, unexpected or mis-shaped tensors in any part are a :class:`CheckpointError` naming them as keys of
+    the combined model (``language_model.*``, ``vision_tower.*``, ``mm_projector.*``); ``allow_missing_keys`` /
+    ``allow_unexpected_keys`` (regular expressions searched in those names) allow them explicitly."""
     from transformers import AutoModelForCausalLM
 
     from vila_hd.model.hub import refuse_pickled_weights
@@ -237,11 +234,12 @@ def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         os.path.join(path, "llm"),
         output_loading_info=True,
         use_safetensors=True,
+        trust_remote_code=False,
         attn_implementation=default_attn_implementation(),
         **_dtype_kwargs(dtype),
         **llm_map,
     )
-    _raise_on_loading_problems("llm", info)
+    _check_part("llm", info, path, allow_missing_keys, allow_unexpected_keys)
     if vision_map is None:  # an accelerate strategy: follow the LLM's input embeddings
         vision_map = {"device_map": {"": str(llm.get_input_embeddings().weight.device)}}
     vision, info = PS3VisionModel.from_pretrained(
@@ -249,15 +247,18 @@ def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         config=config.vision_config,
         output_loading_info=True,
         use_safetensors=True,
+        allow_missing_keys=[".*"],  # judged below under the combined model's names
+        allow_unexpected_keys=[".*"],
         **_dtype_kwargs(dtype),
         **vision_map,
     )
-    _raise_on_loading_problems("vision_tower", info)
+    _check_part("vision_tower", info, path, allow_missing_keys, allow_unexpected_keys)
     config.text_config = llm.config
     config.vision_config = vision.config
     config.image_token_id = processor.image_token_id
     model = VilaHDForConditionalGeneration(config, vision_tower=vision, language_model=llm)
-    load_state_strict(model.mm_projector, read_safetensors_dir(os.path.join(path, "mm_projector")), "mm_projector")
+    info = load_state_checked(model.mm_projector, read_safetensors_dir(os.path.join(path, "mm_projector")))
+    _check_part("mm_projector", info, path, allow_missing_keys, allow_unexpected_keys)
     target = dtype if isinstance(dtype, torch.dtype) else next(llm.parameters()).dtype
     model.mm_projector.to(device=vision.device, dtype=target)
     model.set_generation_defaults(processor)

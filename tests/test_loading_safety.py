@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import os
 import pickle
 import shutil
@@ -145,10 +146,10 @@ def test_engine_refuses_a_pickled_lora_adapter(tiny, vila_hd_dir, tmp_path, mark
     peft = pytest.importorskip("peft")
     from vila_hd.engine import load_model
 
-    model, _ = tiny
+    language_model = copy.deepcopy(tiny[0].language_model)  # peft wraps in place: the shared model stays as it is
     adapter = str(tmp_path / "adapter")
     config = peft.LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=vila_hd_dir)
-    peft.get_peft_model(model.language_model, config).save_pretrained(adapter)
+    peft.get_peft_model(language_model, config).save_pretrained(adapter)
     _replace_weights(adapter, marker, "adapter_model.bin")
     with pytest.raises(OSError, match="LoRA adapter .* only pickled weights"):
         load_model(vila_hd_dir, adapter, device="cpu")

@@ -180,8 +180,11 @@ def test_convert_roundtrip(tiny, vila_dir, tmp_path):
 
 def test_convert_refuses_non_empty_destination(vila_dir, tmp_path, capsys):
     (tmp_path / "x").write_text("occupied")
-    assert convert_main(["--to", "hf", str(vila_dir), str(tmp_path)]) == 1
-    assert "not empty" in capsys.readouterr().err
+    from vila_hd.cli import main as vila_hd_main
+
+    assert vila_hd_main(["convert", "--to", "hf", str(vila_dir), str(tmp_path)]) == 1  # one line, exit 1
+    err = capsys.readouterr().err
+    assert err.startswith("vila-hd: error: ") and "not empty" in err and "Traceback" not in err
 
 
 def broken_copy(tiny, tmp_path, edit):
@@ -198,7 +201,7 @@ def test_missing_projector_key_is_named(tiny, tmp_path):
         del state["layers.2.weight"]
         save_file(state, path)
 
-    with pytest.raises(CheckpointError, match=r"mm_projector: missing keys \['layers.2.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"\(mm_projector/\): 1 missing key \(mm_projector.layers.2.weight\)"):
         VilaHDForConditionalGeneration.from_pretrained(broken_copy(tiny, tmp_path, drop))
 
 
@@ -210,7 +213,7 @@ def test_mismatched_projector_key_is_named(tiny, tmp_path):
         state["extra.weight"] = torch.zeros(1)
         save_file(state, path)
 
-    with pytest.raises(CheckpointError, match=r"unexpected keys \['extra.weight'\].*layers.4.weight \(3, 3\) vs"):
+    with pytest.raises(CheckpointError, match=r"1 unexpected key \(mm_projector.extra.weight\).*mm_projector.layers.4.weight \(3, 3\) vs"):
         VilaHDForConditionalGeneration.from_pretrained(broken_copy(tiny, tmp_path, reshape))
 
 
@@ -221,7 +224,7 @@ def test_missing_llm_key_is_named(tiny, tmp_path):
         del state["model.layers.1.mlp.up_proj.weight"]
         save_file(state, path, metadata={"format": "pt"})
 
-    with pytest.raises(CheckpointError, match=r"llm: missing keys \['model.layers.1.mlp.up_proj.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"\(llm/\): 1 missing key \(language_model.model.layers.1.mlp.up_proj.weight\)"):
         VilaHDForConditionalGeneration.from_pretrained(broken_copy(tiny, tmp_path, drop))
 
 

@@ -11,6 +11,7 @@ do; :func:`naming_file` names the file when a library's parse error does not.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ def library_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("safetensors", "SafetensorError"), ("yaml", "YAMLError"),
                          ("jinja2.exceptions", "TemplateError")):
         try:
-            found.append(getattr(__import__(module, fromlist=[name]), name))
+            found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             continue
     return tuple(found)

@@ -114,7 +114,7 @@ class VilaHDProcessor:
 
         with open(os.path.join(path, PROCESSOR_CONFIG)) as f:
             cfg = json.load(f)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # resolve_model_dir checked it
         template = read_chat_template(path) or getattr(tokenizer, "chat_template", None)
         return cls(
             PS3ImageProcessor.from_pretrained(path),

@@ -57,10 +57,12 @@ def build_vila_hd(
     if max_select_num is not None:
         vision_config.max_select_num = max_select_num
     vision = PS3VisionModel.from_pretrained(ps3_dir, config=vision_config, use_safetensors=True, **_dtype_kwargs(dtype))
-    tokenizer = AutoTokenizer.from_pretrained(llm, **hub_kwargs)
+    llm = resolve_model_dir(llm, kind="model", **hub_kwargs)  # (refuses custom code before the Auto* calls)
+    tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=False, **hub_kwargs)
     language_model = AutoModelForCausalLM.from_pretrained(
         llm,
         use_safetensors=True,
+        trust_remote_code=False,
         attn_implementation=default_attn_implementation(),
         **_dtype_kwargs(dtype),
         **hub_kwargs,

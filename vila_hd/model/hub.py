@@ -9,13 +9,25 @@ safetensors only.
 - :func:`safetensors_only`: the ``from_pretrained`` keyword arguments that make transformers read safetensors and
   nothing else; :func:`refuse_pickled_weights` names a directory that only has pickles. Unpickling a file can
   run any code it carries, so a checkpoint with ``pytorch_model.bin`` only is refused with a message.
+- :func:`refuse_custom_code`: no code from a checkpoint directory ever runs. Every loader calls it on the
+  directory before any transformers ``Auto*`` call: an ``auto_map`` key (at any depth) in ``config.json``,
+  ``tokenizer_config.json``, ``processor_config.json`` or ``preprocessor_config.json`` of the directory or of
+  its VILA sub-folders (``llm/``, ``vision_tower/``, ``mm_projector/``) is a :class:`CustomCodeError`. Every
+  ``from_pretrained`` of a transformers / peft class also passes ``trust_remote_code=False`` (tests scan for it).
+- :func:`check_loading_info`: nothing loads half a model. Missing or unexpected tensors in a checkpoint are a
+  :class:`CheckpointError` naming them, unless the caller allows them explicitly by name pattern
+  (``allow_missing_keys=`` / ``allow_unexpected_keys=``, regular expressions searched in the key).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from vila_hd.errors import VilaHDError
 
 # Weights are read from safetensors only; pickled formats are never downloaded.
 _METADATA = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -29,6 +41,19 @@ _PATTERNS = {
 # The Hub's repository id rule: owner/name, letters, digits, '-', '_', '.'; no '--' or '..', no leading '.'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# The files transformers reads an ``auto_map`` (custom code) from, and the VILA layout's sub-folders.
+CODE_MAP_KEY = "auto_map"
+CONFIG_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+CONFIG_SUBFOLDERS = ("", "llm", "vision_tower", "mm_projector")
+SHOWN_KEYS = 5  # how many offending tensor names an error lists before the count
+
+
+class CustomCodeError(VilaHDError):
+    """A checkpoint directory that asks for code of its own to be run (an ``auto_map`` in its configs)."""
+
+
+class CheckpointError(VilaHDError):
+    """A checkpoint that does not match the model it should fill (names the offending keys or files)."""
 
 
 def is_hub_id(value: str) -> bool:
@@ -66,12 +91,20 @@ def resolve_model_dir(
 ) -> str:
     """Return ``path_or_id`` if it is a local directory, else download the files of ``kind``
     (``model`` / ``processor`` / ``config``) of that Hub repository and return the snapshot directory.
-    A local-looking path that does not exist is an error (see :func:`locate`), never a download."""
+    A local-looking path that does not exist is an error (see :func:`locate`), never a download; a directory
+    that asks for custom code is refused (:func:`refuse_custom_code`)."""
     path, local = locate(path_or_id)
     if local:
         if not os.path.isdir(path):
             raise NotADirectoryError(f"{path} is a file; expected a checkpoint directory or a Hub id")
+        refuse_custom_code(path)
         return path
+    snapshot = _download(path, kind, revision, token, cache_dir, local_files_only)
+    refuse_custom_code(snapshot)
+    return snapshot
+
+
+def _download(path: str, kind: str, revision, token, cache_dir, local_files_only: bool) -> str:
     from huggingface_hub import snapshot_download
 
     try:
@@ -112,3 +145,135 @@ def refuse_pickled_weights(directory: str, what: str = "checkpoint") -> None:
             "because unpickling can run any code a file carries. Convert them on a machine you trust "
             "(safetensors.torch.save_file(torch.load(f, weights_only=True), ...))."
         )
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def refuse_unsafe_adapter(adapter_dir: str | os.PathLike) -> None:
+    """Raise before peft reads a LoRA adapter directory that has pickled weights but no ``adapter_model.safetensors``
+    (or configs that name custom code)."""
+    adapter_dir = os.fspath(adapter_dir)
+    refuse_custom_code(adapter_dir, "LoRA adapter")
+    if not os.path.isdir(adapter_dir) or os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS)):
+        return
+    pickled = sorted(n for n in os.listdir(adapter_dir) if n.startswith("adapter_model") and n.endswith(PICKLED_SUFFIXES))
+    if pickled:
+        raise OSError(  # as refuse_pickled_weights: the same refusal for a model and an adapter
+            f"LoRA adapter {adapter_dir} has only pickled weights ({', '.join(pickled)}) and no {ADAPTER_WEIGHTS}: "
+            f"VILA-HD loads safetensors only (unpickling can run any code a file carries); convert it to {ADAPTER_WEIGHTS} "
+            "on a machine you trust (safetensors.torch.save_file(torch.load(f, weights_only=True), ...))"
+        )
+
+
+# --- no code from a checkpoint ------------------------------------------------------------------------------------
+def _code_maps(value: Any, where: str) -> Iterable[tuple[str, Any]]:
+    """``(dotted key, value)`` of every ``auto_map`` at any depth of a JSON value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key == CODE_MAP_KEY and item:
+                yield path, item
+            else:
+                yield from _code_maps(item, path)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _code_maps(item, where)
+
+
+def _code_files(code_map: Any) -> list[str]:
+    """The ``.py`` files (or ``repo: file.py``) an ``auto_map`` value points at."""
+    refs = [v for v in (code_map.values() if isinstance(code_map, dict) else [code_map])]
+    names = [r for ref in refs for r in (ref if isinstance(ref, (list, tuple)) else [ref]) if isinstance(r, str)]
+    files = []
+    for name in names:
+        repo, _, module = name.rpartition("--")
+        file = module.rsplit(".", 1)[0] + ".py"
+        files.append(f"{repo}: {file}" if repo else file)
+    return sorted(set(files))
+
+
+def refuse_custom_code(directory: str | os.PathLike, what: str = "checkpoint") -> None:
+    """Raise :class:`CustomCodeError` if a config file of ``directory`` (or of its VILA sub-folders) has an
+    ``auto_map``: transformers would offer to run the ``.py`` files it names. Called by every loader before any
+    transformers ``Auto*`` call; unreadable files are left to the loader that reads them."""
+    directory = os.fspath(directory)
+    for sub in CONFIG_SUBFOLDERS:
+        for name in CONFIG_FILES:
+            file = os.path.join(directory, sub, name)
+            if not os.path.isfile(file):
+                continue
+            try:
+                with open(file, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                continue
+            for key, code_map in _code_maps(data, ""):
+                files = ", ".join(_code_files(code_map)) or "custom code"
+                raise CustomCodeError(
+                    f"{what} {directory}: key {key} in {os.path.join(sub, name) if sub else name} points at code "
+                    f"to run ({files}); VILA-HD never runs code from a checkpoint directory: delete the "
+                    f"{CODE_MAP_KEY} key if transformers implements the model type, else use a supported checkpoint"
+                )
+
+
+# --- nothing loads half a model -----------------------------------------------------------------------------------
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    return any(re.search(p, key) for p in patterns)
+
+
+def _named(keys: Sequence[str], kind: str) -> str:
+    shown = ", ".join(keys[:SHOWN_KEYS])
+    more = f", ... ({len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
+    return f"{len(keys)} {kind} key{'s' if len(keys) != 1 else ''} ({shown}{more})"
+
+
+def key_problems(missing: Iterable[str], unexpected: Iterable[str], allow_missing_keys: Sequence[str] = (),
+                 allow_unexpected_keys: Sequence[str] = ()) -> list[str]:
+    """Descriptions of the missing / unexpected tensors not allowed by the patterns (empty when none)."""
+    missing = sorted(k for k in missing if not _matches(k, allow_missing_keys))
+    unexpected = sorted(k for k in unexpected if not _matches(k, allow_unexpected_keys))
+    return [_named(keys, kind) for keys, kind in ((missing, "missing"), (unexpected, "unexpected")) if keys]
+
+
+def check_loading_info(info: dict[str, Any], what: str, allow_missing_keys: Sequence[str] = (),
+                       allow_unexpected_keys: Sequence[str] = ()) -> None:
+    """Raise :class:`CheckpointError` naming the missing / unexpected / mis-shaped tensors of a
+    ``from_pretrained(..., output_loading_info=True)`` report that the patterns do not allow.
+
+    Tied weights (``lm_head`` tied to the input embeddings) and non-persistent buffers are not in a checkpoint
+    and transformers does not report them as missing."""
+    problems = key_problems(info.get("missing_keys") or (), info.get("unexpected_keys") or (),
+                            allow_missing_keys, allow_unexpected_keys)
+    mismatched = [f"{e[0]} {tuple(e[1])} vs {tuple(e[2])}" if isinstance(e, (tuple, list)) and len(e) == 3
+                  else str(e) for e in info.get("mismatched_keys") or ()]
+    if mismatched:
+        problems.append(f"mismatched shapes (checkpoint vs model): {', '.join(sorted(mismatched)[:SHOWN_KEYS])}")
+    if problems:
+        raise CheckpointError(
+            f"{what}: {'; '.join(problems)}; the checkpoint does not fill the model (pass "
+            "allow_missing_keys= / allow_unexpected_keys= patterns to start those weights fresh / ignore them)"
+        )
+
+
+def pop_key_allowances(kwargs: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]:
+    """Split ``allow_missing_keys`` / ``allow_unexpected_keys`` (a pattern or a list of them) off ``kwargs``."""
+    kwargs = dict(kwargs)
+    allow = []
+    for name in ("allow_missing_keys", "allow_unexpected_keys"):
+        value = kwargs.pop(name, None) or ()
+        allow.append((value,) if isinstance(value, str) else tuple(value))
+    return kwargs, allow[0], allow[1]
+
+
+def strict_from_pretrained(load, path: str, what: str, *model_args, **kwargs):
+    """``load(path, *model_args, **kwargs)`` (a ``PreTrainedModel.from_pretrained``) that raises on missing or
+    unexpected tensors (see :func:`check_loading_info`); returns ``(model, info)`` only if the caller asked for
+    ``output_loading_info``."""
+    kwargs, allow_missing, allow_unexpected = pop_key_allowances(kwargs)
+    if kwargs.pop("trust_remote_code", False):
+        raise CustomCodeError(f"{what} {path}: trust_remote_code=True is refused; VILA-HD never runs checkpoint code")
+    want_info = bool(kwargs.pop("output_loading_info", False))
+    model, info = load(path, *model_args, output_loading_info=True, trust_remote_code=False, **kwargs)
+    check_loading_info(info, f"{what} {path}", allow_missing, allow_unexpected)
+    return (model, info) if want_info else model

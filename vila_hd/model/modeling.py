@@ -181,7 +181,7 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         if language_model is None:
             requested = getattr(config.text_config, "_attn_implementation_internal", None)
             language_model = AutoModelForCausalLM.from_config(
-                config.text_config, attn_implementation=default_attn_implementation(requested)
+                config.text_config, attn_implementation=default_attn_implementation(requested), trust_remote_code=False
             )
         self.language_model = language_model
         self._no_split_modules = list(
@@ -744,23 +744,41 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         ``mm_projector/``), from a local directory or a Hub id; the layout is decided by ``config.json``.
 
         Weights come from safetensors only (a directory with only ``.bin`` / ``.pt`` files is refused: unpickling
-        can run code), and a local-looking path that does not exist is an error, never a Hub download."""
-        from vila_hd.model.hub import locate, refuse_pickled_weights, safetensors_only
+        can run code), and a local-looking path that does not exist is an error, never a Hub download. A directory
+        whose configs name custom code (``auto_map``) is refused before anything is read from it.
+
+        Missing or unexpected tensors are a :class:`~vila_hd.model.hub.CheckpointError` naming them;
+        ``allow_missing_keys`` / ``allow_unexpected_keys`` (regular expressions searched in the full key, e.g.
+        ``[r"^mm_projector\\.top_down_prompt_head\\."]`` to start a new prompt head fresh) allow them explicitly.
+        The keys are those of this model (``language_model.*``, ``vision_tower.*``, ``mm_projector.*``) in both
+        layouts."""
+        from vila_hd.model.hub import (
+            locate,
+            pop_key_allowances,
+            refuse_custom_code,
+            refuse_pickled_weights,
+            resolve_model_dir,
+            safetensors_only,
+            strict_from_pretrained,
+        )
 
         path, local = locate(pretrained_model_name_or_path, "VILA-HD checkpoint")
         kwargs = safetensors_only(kwargs, f"VILA-HD checkpoint {path}")
         if local:
             refuse_pickled_weights(path, "VILA-HD checkpoint")
+            refuse_custom_code(path, "VILA-HD checkpoint")
         model_type = _peek_model_type(path, kwargs)
+        if not local:  # the snapshot (metadata + safetensors) is checked for custom code before it is read
+            path = resolve_model_dir(path, kind="model", **_hub_kwargs(kwargs))
         if model_type in VILA_MODEL_TYPES:
             from llava_compat.vila_checkpoint import load_vila_model
-            from vila_hd.model.hub import resolve_model_dir
 
-            path = resolve_model_dir(path, kind="model", **_hub_kwargs(kwargs))
+            kwargs, allow_missing, allow_unexpected = pop_key_allowances(kwargs)
             return load_vila_model(
-                path, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")), device=kwargs.get("device_map")
+                path, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")), device=kwargs.get("device_map"),
+                allow_missing_keys=allow_missing, allow_unexpected_keys=allow_unexpected,
             )
-        return super().from_pretrained(path, *model_args, **kwargs)
+        return strict_from_pretrained(super().from_pretrained, path, "VILA-HD checkpoint", *model_args, **kwargs)
 
 
 # --- small utilities -------------------------------------------------------------------------------

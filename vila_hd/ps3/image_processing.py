@@ -53,11 +53,15 @@ class PS3ImageProcessor(BaseImageProcessor):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """``BaseImageProcessor.from_pretrained``; a local-looking path that does not exist is an error, never a
-        Hub download."""
-        from ..model.hub import locate
+        Hub download, and a directory whose configs name custom code (``auto_map``) is refused."""
+        from ..model.hub import locate, refuse_custom_code
 
-        path, _ = locate(pretrained_model_name_or_path, "PS3 image processor")
-        return super().from_pretrained(path, *args, **kwargs)
+        path, local = locate(pretrained_model_name_or_path, "PS3 image processor")
+        if local:
+            refuse_custom_code(path, "PS3 image processor")
+        if kwargs.pop("trust_remote_code", False):
+            raise ValueError("PS3ImageProcessor never runs remote code; trust_remote_code=True is not supported")
+        return super().from_pretrained(path, *args, trust_remote_code=False, **kwargs)
 
     # Names VILA-era code reads.
     @property

@@ -36,14 +36,25 @@ class PS3PreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """``PreTrainedModel.from_pretrained`` reading safetensors only (a directory with only ``.bin`` / ``.pt``
         files is refused: unpickling can run code); a local-looking path that does not exist is an error, never
-        a Hub download."""
-        from vila_hd.model.hub import locate, refuse_pickled_weights, safetensors_only
+        a Hub download; a directory whose configs name custom code (``auto_map``) is refused.
+
+        Missing or unexpected tensors are a :class:`~vila_hd.model.hub.CheckpointError` naming them (the other
+        tower's and the contrastive scalars of a full ``ps3`` checkpoint are ignored by design);
+        ``allow_missing_keys`` / ``allow_unexpected_keys`` (regular expressions searched in the key) allow them."""
+        from vila_hd.model.hub import (
+            locate,
+            refuse_custom_code,
+            refuse_pickled_weights,
+            safetensors_only,
+            strict_from_pretrained,
+        )
 
         path, local = locate(pretrained_model_name_or_path, "PS3 checkpoint")
         kwargs = safetensors_only(kwargs, f"PS3 checkpoint {path}")
         if local:
             refuse_pickled_weights(path, "PS3 checkpoint")
-        return super().from_pretrained(path, *model_args, **kwargs)
+            refuse_custom_code(path, "PS3 checkpoint")
+        return strict_from_pretrained(super().from_pretrained, path, "PS3 checkpoint", *model_args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, PS3VisionEncoder):
