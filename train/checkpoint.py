@@ -7,16 +7,25 @@ Layout under ``<output_dir>/checkpoints/``::
         rng/rank_00000.pt      RNG states of each rank (python, numpy, torch CPU, accelerator)
         trainer_state.json     step, data position, counters, anything the trainer passes as ``state``
         ...                    files of the caller's ``extra`` writer (e.g. the LoRA adapter in PEFT format)
+        manifest.json          every other file: path, size, SHA-256 (written last, atomically)
     latest                     name of the newest complete checkpoint, replaced last (atomic rename)
     .tmp-step_00000200/        a checkpoint being written: never read, removed at the next start
 
 Protocol of :func:`save` (every rank calls it): write everything into ``.tmp-step_N``, barrier, rank 0
-renames it to ``step_N`` (one atomic ``rename`` on a shared file system), then moves ``latest``, then prunes
+writes ``trainer_state.json``, then the manifest (each file fsynced as it is hashed), then renames it to ``step_N`` (one atomic ``rename`` on a shared file system), then moves ``latest``, then prunes
 to the last ``keep_last`` checkpoints. A process killed at any point leaves either the previous state or
 the new one; :func:`find_latest` never returns a partial directory.
 
+Resume (:func:`choose_resume`) verifies the manifest (sizes first, then hashes) and falls back to the newest
+checkpoint that verifies, saying in one line which one was damaged and why; none verifying is a
+:class:`CheckpointDamagedError`. ``latest`` must be a plain ``step_N`` name of a directory directly inside the
+run's checkpoint folder (resolved real paths): anything else is ignored with a message. A checkpoint without a
+manifest (an older version's) is loaded with a warning when no checkpoint of the run has one, and counts as
+damaged otherwise (in a run that writes manifests, a missing one means a deleted file). Pruning never deletes
+the newest checkpoint that verifies. Rank 0 decides and broadcasts the choice: every rank loads the same one.
+
 API: :func:`save`, :func:`find_latest`, :func:`load`, :func:`capture_rng`, :func:`restore_rng`,
-:func:`clean_partial`.
+:func:`clean_partial`, :func:`choose_resume`, :func:`verify`, :func:`build_manifest`.
 
 Loading never runs code from a checkpoint: DeepSpeed unpickles its files with ``weights_only=False``; :func:`load`
 makes it read them with ``weights_only=True`` (tensors, plain data and the few DeepSpeed types its states hold),
@@ -26,6 +35,7 @@ so a planted pickle is refused with :class:`UnsafeCheckpointError` instead of ex
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import os
@@ -44,6 +54,7 @@ from vila_hd.errors import VilaHDError
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 ENGINE_TAG = "engine"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -141,9 +152,10 @@ def save(engine, output_dir: str, step: int, state: dict[str, Any], keep_last: i
     _barrier()
     if rank == 0:
         _write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(dict(state, step=step), indent=2))
+        _write_atomic(os.path.join(tmp, MANIFEST), json.dumps(build_manifest(tmp), indent=1))
         _publish(tmp, final)
         _write_atomic(os.path.join(root, LATEST), step_name(step))
-        prune(root, keep_last)
+        prune(root, keep_last, fresh=final)
     _barrier()
     return final
 
@@ -181,26 +193,46 @@ def _remove(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def own_checkpoint(root: str, name: str) -> str | None:
+    """Why ``name`` is not a checkpoint directory directly inside ``root`` (a plain ``step_N`` name whose resolved
+    real path lies in the folder: no ``..``, no absolute path, no symbolic link out of it); ``None`` if it is."""
+    if not _STEP_DIR.match(name):
+        return "not a plain step_N name"
+    path = os.path.join(root, name)
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(root):
+        return f"a symbolic link to {os.path.realpath(path)}, outside {root}"
+    return None if os.path.isdir(path) else "no such checkpoint directory"
+
+
 def complete_checkpoints(root: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete checkpoints, oldest first."""
+    """(step, path) of the complete checkpoints (a manifest or a trainer state; inside ``root``), oldest first."""
     if not os.path.isdir(root):
         return []
     found = []
     for name in os.listdir(root):
-        match = _STEP_DIR.match(name)
         path = os.path.join(root, name)
-        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
-            found.append((int(match.group(1)), path))
+        if own_checkpoint(root, name) is None and (os.path.isfile(os.path.join(path, STATE_FILE))
+                                                   or os.path.isfile(os.path.join(path, MANIFEST))):
+            found.append((int(_STEP_DIR.match(name).group(1)), path))
     return sorted(found)
 
 
-def prune(root: str, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never the one ``latest`` names)."""
+def prune(root: str, keep_last: int, fresh: str | None = None) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints; never the one ``latest`` names, and never
+    the newest one that verifies (kept when none of the newest ``keep_last`` does). ``fresh``: the checkpoint
+    just written, whose manifest was computed from its files a moment ago (checked by sizes only)."""
     if keep_last <= 0:
         return
     latest = _read_latest(root)
-    for _, path in complete_checkpoints(root)[:-keep_last]:
-        if os.path.basename(path) != latest:
+    found = complete_checkpoints(root)
+    keep = {path for _, path in found[-keep_last:]} | {os.path.join(root, latest or "")}
+    uses_manifests = _uses_manifests(found)
+    for _, path in reversed(found):
+        if verify(path, hashes=path != fresh, legacy_ok=not uses_manifests) is None:
+            keep.add(path)  # the newest verified checkpoint (usually the one just written)
+            break
+    for _, path in found:
+        if path not in keep:
             _remove(path)
 
 
@@ -223,17 +255,148 @@ def _read_latest(root: str) -> str | None:
         return None
 
 
+def _latest_of(root: str) -> tuple[str | None, str | None]:
+    """(path ``latest`` names, or None; why it was ignored, or None)."""
+    name = _read_latest(root)
+    if name is None:
+        return None, None
+    why = own_checkpoint(root, name)
+    if why is None and not os.path.isfile(os.path.join(root, name, STATE_FILE)) \
+            and not os.path.isfile(os.path.join(root, name, MANIFEST)):
+        why = "not a complete checkpoint"
+    if why is not None:
+        return None, f"{os.path.join(root, LATEST)} names {name!r}, which is ignored ({why})"
+    return os.path.join(root, name), None
+
+
 def find_latest(output_dir: str) -> str | None:
     """The newest complete checkpoint of a run (``latest``, or the newest complete one if ``latest`` is
-    missing or points at nothing); ``None`` if there is none."""
+    missing, points at nothing or names anything but a checkpoint directly inside the run's checkpoint folder);
+    ``None`` if there is none. Nothing is verified here: see :func:`choose_resume`."""
     root = checkpoint_root(output_dir)
-    name = _read_latest(root)
-    if name is not None:
-        path = os.path.join(root, name)
-        if os.path.isfile(os.path.join(path, STATE_FILE)):
-            return path
+    path, _ = _latest_of(root)
+    if path is not None:
+        return path
     complete = complete_checkpoints(root)
     return complete[-1][1] if complete else None
+
+
+# --- manifest and verification -------------------------------------------------------------------------------
+class CheckpointDamagedError(VilaHDError, RuntimeError):
+    """No checkpoint of a run verifies against its manifest (the message names each one and why)."""
+
+
+def _hash_file(path: str, sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    """Paths (relative, ``/``-separated, sorted) of the files under ``directory``, the manifest excepted."""
+    out = []
+    for parent, dirs, names in os.walk(directory):
+        dirs.sort()
+        for name in names:
+            rel = os.path.relpath(os.path.join(parent, name), directory).replace(os.sep, "/")
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def build_manifest(directory: str) -> dict[str, Any]:
+    """Size and SHA-256 of every file of a checkpoint directory (each fsynced as it is read)."""
+    files = {}
+    for rel in _files(directory):
+        path = os.path.join(directory, rel)
+        files[rel] = {"size": os.path.getsize(path), "sha256": _hash_file(path, sync=True)}
+    return {"version": 1, "files": files}
+
+
+def _uses_manifests(found: list[tuple[int, str]]) -> bool:
+    return any(os.path.isfile(os.path.join(path, MANIFEST)) for _, path in found)
+
+
+def verify(checkpoint_dir: str, hashes: bool = True, legacy_ok: bool = False) -> str | None:
+    """Why ``checkpoint_dir`` does not match its manifest (``"FILE: what"``), or ``None`` when it does. Sizes of
+    every file first, then (``hashes``) their SHA-256. No manifest: ``None`` if ``legacy_ok`` (an older
+    version's checkpoint, unverifiable), else a reason."""
+    manifest_path = os.path.join(checkpoint_dir, MANIFEST)
+    if not os.path.exists(manifest_path):
+        return None if legacy_ok else f"{MANIFEST}: missing"
+    try:
+        with open(manifest_path) as f:
+            files = json.load(f)["files"]
+        listed = {str(rel): (int(v["size"]), str(v["sha256"])) for rel, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{MANIFEST}: unreadable ({type(err).__name__})"
+    for rel, (size, _) in listed.items():
+        path = os.path.join(checkpoint_dir, rel)
+        if not os.path.isfile(path):
+            return f"{rel}: missing"
+        if os.path.getsize(path) != size:
+            return f"{rel}: {os.path.getsize(path)} bytes, the manifest says {size}"
+    if hashes:
+        for rel, (_, digest) in listed.items():
+            if _hash_file(os.path.join(checkpoint_dir, rel)) != digest:
+                return f"{rel}: sha256 mismatch"
+    return None
+
+
+def _resume_order(root: str) -> tuple[list[str], list[str]]:
+    """(checkpoints to try, newest first: ``latest``'s, then the older complete ones; notes on ``latest``)."""
+    latest, why = _latest_of(root)
+    found = [path for _, path in reversed(complete_checkpoints(root))]
+    if latest is not None:
+        step = int(_STEP_DIR.match(os.path.basename(latest)).group(1))
+        found = [latest] + [p for p in found if int(_STEP_DIR.match(os.path.basename(p)).group(1)) < step]
+    return found, [why] if why else []
+
+
+def _decide_resume(output_dir: str) -> tuple[str | None, str | None, str | None]:
+    """(checkpoint to resume from or None, the one line to print or None, the error if none verifies)."""
+    root = checkpoint_root(output_dir)
+    order, notes = _resume_order(root)
+    legacy_ok = not _uses_manifests(complete_checkpoints(root))
+    damaged = []
+    for path in order:
+        why = verify(path, legacy_ok=legacy_ok)
+        if why is None:
+            if legacy_ok and not os.path.exists(os.path.join(path, MANIFEST)):
+                notes.append(f"{os.path.basename(path)} has no {MANIFEST} (written by an older version): "
+                             "resuming from it unverified")
+            parts = notes + [f"{os.path.basename(p)} is damaged ({w})" for p, w in damaged]
+            line = None
+            if parts:
+                line = "resume: " + "; ".join(parts) + f"; resuming from {os.path.basename(path)}"
+            return path, line, None
+        damaged.append((path, why))
+    if not damaged:
+        return None, ("resume: " + "; ".join(notes) + "; starting from step 0") if notes else None, None
+    listing = "; ".join(f"{os.path.basename(p)} ({w})" for p, w in damaged)
+    return None, None, (f"resume: no checkpoint in {root} verifies against its {MANIFEST}: {listing}. Restore one "
+                        "from a copy, or move the folder away (or pass --no-resume) to start over")
+
+
+def choose_resume(output_dir: str) -> str | None:
+    """The checkpoint to resume from: the newest that verifies (rank 0 decides, every rank gets its choice).
+    Prints one line when it is not simply ``latest``; raises :class:`CheckpointDamagedError` when checkpoints
+    exist but none verifies; ``None`` when there are none."""
+    decision: list[Any] = [None, None, None]
+    if _rank() == 0:
+        decision = list(_decide_resume(output_dir))
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    path, line, error = decision
+    if error is not None:
+        raise CheckpointDamagedError(error)
+    if line is not None and _rank() == 0:
+        print(line, flush=True)
+    return path
 
 
 def read_state(checkpoint_dir: str) -> dict[str, Any]:

@@ -17,7 +17,8 @@ global number of valid tokens, however they are spread over micro-batches and ra
 
 ``Trainer.train(resume=True)`` continues from ``<output_dir>/checkpoints/latest`` when there is one:
 module, optimizer, scheduler, RNG and data position (the step) are restored, so steps k+1..n reproduce an
-uninterrupted run. Logs: a progress bar, ``<output_dir>/logs/metrics.jsonl`` (one JSON line per logged
+uninterrupted run. The checkpoint is verified against its manifest first; a damaged one is passed over for the
+newest that verifies, in one printed line (:func:`train.checkpoint.choose_resume`). Logs: a progress bar, ``<output_dir>/logs/metrics.jsonl`` (one JSON line per logged
 step), TensorBoard when installed, Weights & Biases when asked.
 """
 
@@ -324,7 +325,7 @@ class Trainer:
                          self.hooks.save_extra)
 
     def _resume(self) -> None:
-        path = ckpt.find_latest(self.settings.output_dir)
+        path = ckpt.choose_resume(self.settings.output_dir)  # verified; falls back past damaged checkpoints
         if path is None:
             return
         state = ckpt.load(self.engine, path)
