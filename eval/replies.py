@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.benchmarks.base import Benchmark, FormatError, Sample, read_tsv, sample_id
+from eval.benchmarks.base import Benchmark, FormatError, Sample, read_jsonl, read_tsv, sample_id
 
 REPLY_FORMATS = ("auto", "vila-hd", "lmms-eval", "vlmevalkit", "mme-realworld", "llava")
 REPLY_KEYS = ("prediction", "text", "response", "output", "answer")
@@ -81,18 +81,7 @@ def read_reply_rows(path: Path, tabular: bool) -> list[dict[str, Any]]:
         if not all(isinstance(r, dict) for r in data):
             raise FormatError(f"{path}: expected a JSON list of objects")
         return data
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise FormatError(f"{path} line {number} is not valid JSON: {err}") from None
-        if not isinstance(row, dict):
-            raise FormatError(f"{path} line {number} is not a JSON object")
-        rows.append({**row, "_line": number})
-    return rows
+    return read_jsonl(path)
 
 
 def _read_xlsx(path: Path) -> list[dict[str, Any]]:

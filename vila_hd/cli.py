@@ -22,7 +22,8 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from vila_hd import __version__, errors
 
@@ -44,81 +45,36 @@ FORWARDED = {
 
 
 # --- argument types (argparse turns their ValueErrors into exit code 2 with the message) -------------------
-def look_close_arg(value: str) -> int | str:
-    """A non-negative integer or ``all``."""
-    if value == "all":
-        return value
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'all', got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'all', got {value!r}")
-    return number
+def number_arg(kind: type, accept: Callable[[Any], bool], expected: str, out_of_range: str | None = None,
+               also: tuple[str, ...] = ()) -> Callable[[str], Any]:
+    """An argparse type: ``kind(value)`` (int or float) kept when ``accept`` holds; words in ``also`` pass as
+    they are. The message says ``expected ...`` (``out_of_range`` for a number outside the range)."""
 
+    def parse(value: str):
+        if value in also:
+            return value
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+        if not accept(number):
+            raise argparse.ArgumentTypeError(f"expected {out_of_range or expected}, got {value!r}")
+        return number
 
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
-
-
-def positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
-    if not 0 < number < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
-    return number
-
-
-def non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not 0 <= number < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
-    return number
+    parse.__name__ = f"{kind.__name__} ({expected})"  # argparse names the type in its own messages
+    return parse
 
 
 SEED_MAX = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1
 
-
-def seed_arg(value: str) -> int:
-    """A seed torch accepts: an integer in 0 .. 2**64 - 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..{SEED_MAX}, got {value!r}") from None
-    if not 0 <= number <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..{SEED_MAX} (2**64 - 1), got {value!r}")
-    return number
-
-
-def probability(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
-    if not 0 < number <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}")
-    return number
+look_close_arg = number_arg(int, lambda n: n >= 0, "a non-negative integer or 'all'", also=("all",))
+positive_int = number_arg(int, lambda n: n >= 1, "a positive integer")
+non_negative_int = number_arg(int, lambda n: n >= 0, "an integer >= 0")
+positive_float = number_arg(float, lambda n: 0 < n < math.inf, "a number > 0", "a finite number > 0")
+non_negative_float = number_arg(float, lambda n: 0 <= n < math.inf, "a number >= 0", "a finite number >= 0")
+seed_arg = number_arg(int, lambda n: 0 <= n <= SEED_MAX, f"an integer in 0..{SEED_MAX}",
+                      f"an integer in 0..{SEED_MAX} (2**64 - 1)")  # the seeds torch accepts
+probability = number_arg(float, lambda n: 0 < n <= 1, "a number in (0, 1]")
 
 
 # --- options shared by the commands that load a model ----------------------------------------------------
