@@ -225,6 +225,53 @@ def _findings(tree: ast.AST) -> list[tuple[int, str]]:
     return found
 
 
+# Loaders of our own classes that refuse custom code themselves (refuse_custom_code, then transformers with
+# trust_remote_code=False) or build from objects already loaded; any other ``X.from_pretrained`` / ``X.from_config``
+# (transformers' Auto* classes, peft) must pass ``trust_remote_code=False`` in the call.
+OWN_LOADERS = {
+    "VilaHDForConditionalGeneration": "vila_hd.model.modeling", "VilaHDProcessor": "vila_hd.processing",
+    "PS3VisionModel": "vila_hd.ps3.modeling", "PS3TextModel": "vila_hd.ps3.modeling",
+    "PS3Model": "vila_hd.ps3.modeling", "PS3ImageProcessor": "vila_hd.ps3.image_processing",
+    "PS3Tokenizer": "vila_hd.ps3.tokenization", "Engine": "vila_hd.engine",
+    "TokenLayoutSpec": "vila_hd.model.token_layout",
+}
+LOADER_METHODS = ("from_pretrained", "from_config")
+
+
+def _owner_name(node: ast.AST) -> str:
+    """``Auto`` of ``Auto.f``, ``AutoModel`` of ``transformers.AutoModel.f``, ``super()`` of ``super().f``."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        return f"{node.func.id}()"
+    return ast.dump(node)[:40]
+
+
+def _loader_findings(tree: ast.AST) -> list[tuple[int, str]]:
+    """``X.from_pretrained(...)`` / ``X.from_config(...)`` of a class not in OWN_LOADERS without
+    ``trust_remote_code=False``; a loader handed on uncalled only as ``strict_from_pretrained``'s first argument
+    (which adds ``trust_remote_code=False``)."""
+    calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    handed_on = {id(n.args[0]) for n in calls.values()
+                 if isinstance(n.func, ast.Name) and n.func.id == "strict_from_pretrained" and n.args}
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and node.attr in LOADER_METHODS):
+            continue
+        owner = _owner_name(node.value)
+        if owner in OWN_LOADERS or id(node) in handed_on:
+            continue
+        if id(node) not in calls:
+            found.append((node.lineno, f"{owner}.{node.attr} handed on uncalled"))
+            continue
+        value = {k.arg: k.value for k in calls[id(node)].keywords}.get("trust_remote_code")
+        if not (isinstance(value, ast.Constant) and value.value is False):
+            found.append((node.lineno, f"{owner}.{node.attr}() without trust_remote_code=False"))
+    return found
+
+
 def package_files() -> list[str]:
     files = []
     for package in PACKAGES:
@@ -239,7 +286,8 @@ def test_no_code_execution_from_data_in_the_packages(reliability):
     for path in files:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), filename=path)
-        problems += [f"{os.path.relpath(path, ROOT)}:{line}: {what}" for line, what in _findings(tree)]
+        problems += [f"{os.path.relpath(path, ROOT)}:{line}: {what}"
+                     for line, what in _findings(tree) + _loader_findings(tree)]
     assert len(files) > 50
     assert not problems, "\n".join(problems)
     reliability.record("loading", "files_scanned", len(files))
@@ -255,6 +303,35 @@ torch.load(p, weights_only=True); model.eval(); yaml.safe_load(s)
     assert kinds == sorted(["eval()", "exec()", "torch.load() without weights_only=True",
                             "torch.load() without weights_only=True", "weights_only=False", "pickle.loads()",
                             "trust_remote_code=True", "yaml.load()", "allow_pickle=True"])
+
+
+def test_the_scan_finds_loaders_without_trust_remote_code_false():
+    source = """
+AutoTokenizer.from_pretrained(p); AutoConfig.from_pretrained(p, trust_remote_code=True)
+transformers.AutoModelForCausalLM.from_config(c); PeftModel.from_pretrained(m, p, **kw)
+load = AutoProcessor.from_pretrained; strict_from_pretrained(super().from_pretrained, p, "x")
+AutoImageProcessor.from_pretrained(p, trust_remote_code=False); VilaHDProcessor.from_pretrained(p)
+PS3VisionModel.from_pretrained(p); TokenLayoutSpec.from_config(c)
+"""
+    kinds = sorted(what for _, what in _loader_findings(ast.parse(source)))
+    assert kinds == sorted(["AutoTokenizer.from_pretrained() without trust_remote_code=False",
+                            "AutoConfig.from_pretrained() without trust_remote_code=False",
+                            "AutoModelForCausalLM.from_config() without trust_remote_code=False",
+                            "PeftModel.from_pretrained() without trust_remote_code=False",
+                            "AutoProcessor.from_pretrained handed on uncalled"])
+
+
+@pytest.mark.parametrize("owner", sorted(OWN_LOADERS))
+def test_the_scans_own_loaders_are_ours(owner):
+    """Each class the scan lets call ``from_pretrained`` / ``from_config`` freely defines them in our package
+    (so the allowance cannot cover a transformers class of the same name); that they refuse an ``auto_map`` is
+    tests/test_custom_code.py's."""
+    import importlib
+
+    cls = getattr(importlib.import_module(OWN_LOADERS[owner]), owner)
+    methods = [getattr(cls, m) for m in LOADER_METHODS if hasattr(cls, m)]
+    own = [m for m in methods if getattr(m, "__module__", "").startswith(tuple(PACKAGES))]
+    assert own, f"{owner}: none of {LOADER_METHODS} is defined in {PACKAGES}"
 
 
 # --- local paths are never Hub ids ---------------------------------------------------------------------------------
