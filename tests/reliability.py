@@ -26,6 +26,7 @@ FILES = {
     "images": "tests/test_fuzz_images.py",
     "data": "tests/test_fuzz_data.py",
     "faults": "tests/test_fault_injection.py",
+    "checkpoints": "tests/test_checkpoint_manifest.py",
     "loading": "tests/test_loading_safety.py",
     "limits": "tests/test_serving_limits.py",
 }
@@ -76,11 +77,57 @@ def _status(outcome: dict) -> str:
     return f"{outcome['passed']} tests pass{skipped} ({outcome['seconds']:.0f} s)"
 
 
+def _checkpoints_row(c: dict, outcome: dict) -> str:
+    g = lambda k: c.get(k, 0)  # noqa: E731
+    return (f"| training checkpoints | **{g('damage_cases')}** damaged files in the newest checkpoint "
+            f"({g('file_kinds')} kinds of file x truncation, emptying, deletion, a bit flip), "
+            f"{g('latest_escapes_ignored')} `latest` pointers out of the run's folder, {g('legacy_cases')} older-"
+            f"version checkpoints | every damage found by the manifest; {g('damage_recovered')} resumed from the "
+            f"previous checkpoint with one `resume:` line naming checkpoint, file and why, {g('exact_resumes')} of "
+            "them trained on to the uninterrupted run's weights bit for bit; no checkpoint verifying is one "
+            f"`vila-hd: error:` line ({g('refusals')} cases); {_status(outcome)} |")
+
+
+def _checkpoints_section(c: dict) -> list[str]:
+    g = lambda k: c.get(k, 0)  # noqa: E731
+    return [
+        "## Training checkpoints (`tests/test_checkpoint_manifest.py`)",
+        "",
+        "Every checkpoint ends with `manifest.json` (size and SHA-256 of every other file, and a SHA-256 of that "
+        "list), written after every rank's files and the `extra` writer's (e.g. the LoRA adapter) as a temporary "
+        "file, fsynced and renamed, before the directory is published. Resume checks the newest checkpoint (the one"
+        " `latest` names) against it -- manifest checksum, every file present with its size, no unlisted file, "
+        "then every SHA-256 -- and goes back one checkpoint at a time until one verifies, printing one line, e.g. "
+        "`resume: step_00000004 is damaged (engine/zero_pp_rank_0_mp_rank_00_optim_states.pt: sha256 mismatch "
+        "(altered)); resuming from step_00000002`. When none verifies, `vila-hd train` stops with one line "
+        "naming each checkpoint and why (`CheckpointDamagedError`). `latest` naming `../`, an absolute path or a "
+        "symbolic link (out of the folder or in it) is ignored with a message. A checkpoint of an older version "
+        "(no manifest, no `checkpoint_format` in its trainer state) resumes unverified, with a note; a load that "
+        "fails anyway is one line (`CheckpointLoadError`).",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| damage cases (file kinds: DeepSpeed model states, optimizer states, RNG state, trainer state, "
+        f"DeepSpeed's script, manifest, LoRA adapter; x truncation, empty, deletion, bit flip) | "
+        f"{g('damage_cases')}, {g('damage_recovered')} resumed from the previous checkpoint |",
+        f"| of which trained on after the fallback (one per kind of damage) | {g('exact_resumes')}, losses and final "
+        "weights equal to the uninterrupted run's bit for bit |",
+        f"| `latest` outside the run (`../../other_run/...`, absolute, symlink out, symlink in, no own checkpoint) "
+        f"| {g('latest_escapes_ignored')} ignored with a message |",
+        f"| nothing verifies (in process, `vila-hd train`, a lost manifest of the only checkpoint) | "
+        f"{g('refusals')} refused in one line |",
+        f"| older-version checkpoints (resumed with a note; a truncated one named in one line) | "
+        f"{g('legacy_cases')} |",
+        "",
+    ]
+
+
 def render(figures: dict, outcomes: dict, full: bool) -> str:
     from vila_hd.engine import ServingLimits
 
     images, data, faults = figures.get("images", {}), figures.get("data", {}), figures.get("faults", {})
     loading, reasons = figures.get("loading", {}), figures.get("data_reasons", {})
+    checkpoints = figures.get("checkpoints", {})
     g = lambda d, k: d.get(k, 0)  # noqa: E731
     image_total = sum(g(images, k) for k in ("hypothesis_cases", "child_cases", "array_cases", "truncated_cases",
                                               "bomb_headers", "odd_paths"))
@@ -116,6 +163,7 @@ def render(figures: dict, outcomes: dict, full: bool) -> str:
         f"({g(faults, 'kills_inside_checkpoint_writes')} inside checkpoint writes), {g(faults, 'full_disk_cases')} "
         f"full-disk checkpoint write(s) | `latest` always names a complete checkpoint; final weights equal the "
         f"uninterrupted run's bit for bit; {_status(outcomes['faults'])} |",
+        _checkpoints_row(checkpoints, outcomes["checkpoints"]),
         f"| loading safety | **{g(loading, 'planted_pickle_cases')}** planted pickles through every loading entry "
         f"point; {g(loading, 'files_scanned')} package files scanned; {g(loading, 'missing_path_cases')} missing "
         f"local paths | no pickle executed; no `eval` / `exec` / unsafe `torch.load` / `trust_remote_code=True`; no "
@@ -179,6 +227,7 @@ def render(figures: dict, outcomes: dict, full: bool) -> str:
         "ENOSPC, and a 5 MiB tmpfs where mounting one is allowed; the previous checkpoint stays complete and named by"
         " `latest`, the error says so (`CheckpointWriteError`) |",
         "",
+        *_checkpoints_section(checkpoints),
         "## Loading safety (`tests/test_loading_safety.py`)",
         "",
         "- Weights are read from safetensors only: PS3 and VILA-HD `from_pretrained`, the VILA layout loader, "

@@ -11,21 +11,25 @@ Layout under ``<output_dir>/checkpoints/``::
     latest                     name of the newest complete checkpoint, replaced last (atomic rename)
     .tmp-step_00000200/        a checkpoint being written: never read, removed at the next start
 
-Protocol of :func:`save` (every rank calls it): write everything into ``.tmp-step_N``, barrier, rank 0
-writes ``trainer_state.json``, then the manifest (each file fsynced as it is hashed), then renames it to ``step_N`` (one atomic ``rename`` on a shared file system), then moves ``latest``, then prunes
-to the last ``keep_last`` checkpoints. A process killed at any point leaves either the previous state or
-the new one; :func:`find_latest` never returns a partial directory.
+Protocol of :func:`save` (every rank calls it): every rank writes its files (DeepSpeed's, its RNG file, the
+``extra`` writer's) into ``.tmp-step_N``; barrier; rank 0 writes ``trainer_state.json``, then the manifest of
+every other file (each file and folder fsynced as it is hashed; the manifest itself a temporary file, fsync,
+rename), then renames the directory to ``step_N`` (one atomic ``rename`` on a shared file system), then moves
+``latest``, then prunes to the last ``keep_last`` checkpoints. A process killed at any point leaves either the
+previous state or the new one; :func:`find_latest` never returns a partial directory.
 
-Resume (:func:`choose_resume`) verifies the manifest (sizes first, then hashes) and falls back to the newest
-checkpoint that verifies, saying in one line which one was damaged and why; none verifying is a
-:class:`CheckpointDamagedError`. ``latest`` must be a plain ``step_N`` name of a directory directly inside the
-run's checkpoint folder (resolved real paths): anything else is ignored with a message. A checkpoint without a
-manifest (an older version's) is loaded with a warning when no checkpoint of the run has one, and counts as
-damaged otherwise (in a run that writes manifests, a missing one means a deleted file). Pruning never deletes
-the newest checkpoint that verifies. Rank 0 decides and broadcasts the choice: every rank loads the same one.
+Resume (:func:`choose_resume`) verifies the manifest (its own checksum, every file's presence and size, no
+unlisted file, then every SHA-256) and falls back to the newest checkpoint that verifies, saying in one line
+which one was damaged, which file and why; none verifying is a :class:`CheckpointDamagedError`; a verified one
+that still fails to load is a :class:`CheckpointLoadError` (one line). ``latest`` must be a plain ``step_N``
+name of a real directory directly inside the run's checkpoint folder (resolved real paths, no symbolic link):
+anything else is ignored with a message. A checkpoint without a manifest whose trainer state has no
+``checkpoint_format`` (an older version's) resumes unverified, with a note; one whose state has it lost its
+manifest (damaged). Pruning never deletes the newest checkpoint that verifies. Rank 0 decides and broadcasts
+the choice: every rank loads the same one, or every rank raises.
 
 API: :func:`save`, :func:`find_latest`, :func:`load`, :func:`capture_rng`, :func:`restore_rng`,
-:func:`clean_partial`, :func:`choose_resume`, :func:`verify`, :func:`build_manifest`.
+:func:`clean_partial`, :func:`choose_resume`, :func:`verify`, :func:`build_manifest`, :func:`is_legacy`.
 
 Loading never runs code from a checkpoint: DeepSpeed unpickles its files with ``weights_only=False``; :func:`load`
 makes it read them with ``weights_only=True`` (tensors, plain data and the few DeepSpeed types its states hold),
@@ -43,6 +47,7 @@ import pickle
 import random
 import re
 import shutil
+import textwrap
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -55,6 +60,10 @@ from vila_hd.errors import VilaHDError
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
+# In trainer_state.json of every checkpoint that has a manifest: without the key, a checkpoint without a manifest
+# is an older version's (unverifiable, resumed with a note); with it, a missing manifest is damage.
+FORMAT_KEY = "checkpoint_format"
+FORMAT = 2
 ENGINE_TAG = "engine"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -90,12 +99,19 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
+    """``path`` holds the old text or the new one, never a part: a temporary file, fsync, rename, fsync of the
+    folder (the temporary file is removed if any of it fails)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     _fsync_dir(os.path.dirname(path))
 
 
@@ -151,8 +167,9 @@ def save(engine, output_dir: str, step: int, state: dict[str, Any], keep_last: i
         raise CheckpointWriteError(_write_failure(root, step, err)) from err
     _barrier()
     if rank == 0:
-        _write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(dict(state, step=step), indent=2))
-        _write_atomic(os.path.join(tmp, MANIFEST), json.dumps(build_manifest(tmp), indent=1))
+        _write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(dict(state, step=step, **{FORMAT_KEY: FORMAT}),
+                                                                indent=2))
+        _write_atomic(os.path.join(tmp, MANIFEST), json.dumps(build_manifest(tmp), indent=1))  # the last file
         _publish(tmp, final)
         _write_atomic(os.path.join(root, LATEST), step_name(step))
         prune(root, keep_last, fresh=final)
@@ -195,12 +212,15 @@ def _remove(path: str) -> None:
 
 def own_checkpoint(root: str, name: str) -> str | None:
     """Why ``name`` is not a checkpoint directory directly inside ``root`` (a plain ``step_N`` name whose resolved
-    real path lies in the folder: no ``..``, no absolute path, no symbolic link out of it); ``None`` if it is."""
+    real path is ``root``'s own ``name``: no ``..``, no absolute path, no symbolic link, in or out of the
+    folder); ``None`` if it is."""
     if not _STEP_DIR.match(name):
         return "not a plain step_N name"
     path = os.path.join(root, name)
-    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(root):
-        return f"a symbolic link to {os.path.realpath(path)}, outside {root}"
+    real = os.path.realpath(path)
+    if real != os.path.join(os.path.realpath(root), name):
+        where = "inside" if os.path.dirname(real) == os.path.realpath(root) else "outside"
+        return f"a symbolic link to {real}, {where} {root}"
     return None if os.path.isdir(path) else "no such checkpoint directory"
 
 
@@ -226,9 +246,8 @@ def prune(root: str, keep_last: int, fresh: str | None = None) -> None:
     latest = _read_latest(root)
     found = complete_checkpoints(root)
     keep = {path for _, path in found[-keep_last:]} | {os.path.join(root, latest or "")}
-    uses_manifests = _uses_manifests(found)
     for _, path in reversed(found):
-        if verify(path, hashes=path != fresh, legacy_ok=not uses_manifests) is None:
+        if verify(path, hashes=path != fresh) is None:
             keep.add(path)  # the newest verified checkpoint (usually the one just written)
             break
     for _, path in found:
@@ -308,42 +327,73 @@ def _files(directory: str) -> list[str]:
     return sorted(out)
 
 
+def _listing_digest(files: dict[str, Any]) -> str:
+    """SHA-256 of the file list itself: an altered manifest is told from an altered file."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def build_manifest(directory: str) -> dict[str, Any]:
-    """Size and SHA-256 of every file of a checkpoint directory (each fsynced as it is read)."""
+    """Size and SHA-256 of every file of a checkpoint directory (each file, and each folder, fsynced as it is
+    read), and the SHA-256 of that list."""
     files = {}
     for rel in _files(directory):
         path = os.path.join(directory, rel)
         files[rel] = {"size": os.path.getsize(path), "sha256": _hash_file(path, sync=True)}
-    return {"version": 1, "files": files}
+    for parent, _, _ in os.walk(directory):
+        _fsync_dir(parent)
+    return {"version": FORMAT, "files": files, "files_sha256": _listing_digest(files)}
 
 
-def _uses_manifests(found: list[tuple[int, str]]) -> bool:
-    return any(os.path.isfile(os.path.join(path, MANIFEST)) for _, path in found)
-
-
-def verify(checkpoint_dir: str, hashes: bool = True, legacy_ok: bool = False) -> str | None:
-    """Why ``checkpoint_dir`` does not match its manifest (``"FILE: what"``), or ``None`` when it does. Sizes of
-    every file first, then (``hashes``) their SHA-256. No manifest: ``None`` if ``legacy_ok`` (an older
-    version's checkpoint, unverifiable), else a reason."""
-    manifest_path = os.path.join(checkpoint_dir, MANIFEST)
-    if not os.path.exists(manifest_path):
-        return None if legacy_ok else f"{MANIFEST}: missing"
+def is_legacy(checkpoint_dir: str) -> bool:
+    """A checkpoint of an older version: no manifest, and a readable trainer state without :data:`FORMAT_KEY`."""
+    if os.path.exists(os.path.join(checkpoint_dir, MANIFEST)):
+        return False
     try:
-        with open(manifest_path) as f:
-            files = json.load(f)["files"]
+        return FORMAT_KEY not in read_state(checkpoint_dir)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _read_manifest(checkpoint_dir: str) -> tuple[dict[str, tuple[int, str]] | None, str | None]:
+    """(``{file: (size, sha256)}``, None), or (None, why the manifest cannot be trusted)."""
+    try:
+        with open(os.path.join(checkpoint_dir, MANIFEST)) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
         listed = {str(rel): (int(v["size"]), str(v["sha256"])) for rel, v in files.items()}
+        listing = manifest.get("files_sha256") if int(manifest.get("version", 1)) >= 2 else _listing_digest(files)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        return f"{MANIFEST}: unreadable ({type(err).__name__})"
+        return None, f"{MANIFEST}: unreadable ({type(err).__name__})"
+    if listing != _listing_digest(files):
+        return None, f"{MANIFEST}: altered (its checksum of the file list does not match)"
+    for rel in listed:
+        if os.path.isabs(rel) or ".." in rel.split("/") or rel == MANIFEST:
+            return None, f"{MANIFEST}: lists {rel!r}, not a file of the checkpoint"
+    return listed, None
+
+
+def verify(checkpoint_dir: str, hashes: bool = True) -> str | None:
+    """Why ``checkpoint_dir`` does not match its manifest (``"FILE: what"``), or ``None`` when it does: every
+    listed file there with its size, no file the manifest does not list, then (``hashes``) every SHA-256. An
+    older version's checkpoint (:func:`is_legacy`) cannot be verified: ``None``."""
+    if not os.path.exists(os.path.join(checkpoint_dir, MANIFEST)):
+        return None if is_legacy(checkpoint_dir) else f"{MANIFEST}: missing"
+    listed, why = _read_manifest(checkpoint_dir)
+    if why is not None:
+        return why
     for rel, (size, _) in listed.items():
         path = os.path.join(checkpoint_dir, rel)
         if not os.path.isfile(path):
             return f"{rel}: missing"
         if os.path.getsize(path) != size:
             return f"{rel}: {os.path.getsize(path)} bytes, the manifest says {size}"
+    unlisted = sorted(set(_files(checkpoint_dir)) - set(listed))
+    if unlisted:
+        return f"{unlisted[0]}: not in the manifest"
     if hashes:
         for rel, (_, digest) in listed.items():
             if _hash_file(os.path.join(checkpoint_dir, rel)) != digest:
-                return f"{rel}: sha256 mismatch"
+                return f"{rel}: sha256 mismatch (altered)"
     return None
 
 
@@ -361,14 +411,13 @@ def _decide_resume(output_dir: str) -> tuple[str | None, str | None, str | None]
     """(checkpoint to resume from or None, the one line to print or None, the error if none verifies)."""
     root = checkpoint_root(output_dir)
     order, notes = _resume_order(root)
-    legacy_ok = not _uses_manifests(complete_checkpoints(root))
     damaged = []
     for path in order:
-        why = verify(path, legacy_ok=legacy_ok)
+        why = verify(path)
         if why is None:
-            if legacy_ok and not os.path.exists(os.path.join(path, MANIFEST)):
-                notes.append(f"{os.path.basename(path)} has no {MANIFEST} (written by an older version): "
-                             "resuming from it unverified")
+            if is_legacy(path):
+                notes.append(f"{os.path.basename(path)} has no {MANIFEST} (written by an older version) and "
+                             "cannot be verified")
             parts = notes + [f"{os.path.basename(p)} is damaged ({w})" for p, w in damaged]
             line = None
             if parts:
@@ -378,7 +427,8 @@ def _decide_resume(output_dir: str) -> tuple[str | None, str | None, str | None]
     if not damaged:
         return None, ("resume: " + "; ".join(notes) + "; starting from step 0") if notes else None, None
     listing = "; ".join(f"{os.path.basename(p)} ({w})" for p, w in damaged)
-    return None, None, (f"resume: no checkpoint in {root} verifies against its {MANIFEST}: {listing}. Restore one "
+    ignored = "".join(f"{note}; " for note in notes)
+    return None, None, (f"resume: {ignored}no checkpoint in {root} verifies against its {MANIFEST}: {listing}. Restore one "
                         "from a copy, or move the folder away (or pass --no-resume) to start over")
 
 
@@ -388,7 +438,10 @@ def choose_resume(output_dir: str) -> str | None:
     exist but none verifies; ``None`` when there are none."""
     decision: list[Any] = [None, None, None]
     if _rank() == 0:
-        decision = list(_decide_resume(output_dir))
+        try:
+            decision = list(_decide_resume(output_dir))
+        except OSError as err:  # an unreadable folder: every rank must still leave the broadcast below
+            decision = [None, None, f"resume: could not read the checkpoints of {output_dir} ({err})"]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
     path, line, error = decision
@@ -460,15 +513,39 @@ def _weights_only_loads(engine) -> Iterator[None]:
             checkpoint_engine.load = own
 
 
+class CheckpointLoadError(VilaHDError, RuntimeError):
+    """A checkpoint that verified (or could not be verified: an older version's) failed to load."""
+
+
+# What DeepSpeed, torch and json raise on a file that is not what it should be (truncated, altered, of another
+# run's shapes): turned into one line naming the checkpoint. The project's own errors pass through.
+_LOAD_FAILURES = (EOFError, pickle.UnpicklingError, RuntimeError, AssertionError, KeyError, IndexError, ValueError,
+                  TypeError, OSError)
+
+
 def load(engine, checkpoint_dir: str) -> dict[str, Any]:
     """Restore engine (module, optimizer, scheduler) and this rank's RNG; return the trainer state.
 
-    Every file is read with ``weights_only=True``: a checkpoint cannot run code (:class:`UnsafeCheckpointError`)."""
+    Every file is read with ``weights_only=True``: a checkpoint cannot run code (:class:`UnsafeCheckpointError`).
+    Any other failure is a :class:`CheckpointLoadError` naming the checkpoint (the cause is chained)."""
+    try:
+        return _load(engine, checkpoint_dir)
+    except VilaHDError:
+        raise
+    except _LOAD_FAILURES as err:
+        cause = textwrap.shorten(str(err), 300, placeholder=" ...")
+        raise CheckpointLoadError(
+            f"resume: checkpoint {checkpoint_dir} could not be loaded ({type(err).__name__}: {cause}). Move it out "
+            "of the checkpoint folder to resume from the previous one, or pass --no-resume to start over"
+        ) from err
+
+
+def _load(engine, checkpoint_dir: str) -> dict[str, Any]:
     with _weights_only_loads(engine):
         load_path, _ = engine.load_checkpoint(checkpoint_dir, tag=ENGINE_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     if load_path is None:
-        raise FileNotFoundError(f"{checkpoint_dir} holds no DeepSpeed state under {ENGINE_TAG}/")
+        raise FileNotFoundError(f"no DeepSpeed state under {ENGINE_TAG}/")
     rng_file = os.path.join(checkpoint_dir, "rng", f"rank_{_rank():05d}.pt")
     if os.path.exists(rng_file):
         restore_rng(load_weights_only(rng_file))
