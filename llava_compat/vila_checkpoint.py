@@ -218,7 +218,7 @@ def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     ``allow_unexpected_keys`` (regular expressions searched in those names) allow them explicitly."""
     from transformers import AutoModelForCausalLM
 
-    from vila_hd.model.hub import refuse_pickled_weights
+    from vila_hd.model.hub import quiet_load_report, refuse_pickled_weights
     from vila_hd.model.modeling import VilaHDForConditionalGeneration, default_attn_implementation
     from vila_hd.ps3 import PS3VisionModel
 
@@ -230,15 +230,17 @@ def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     config = read_vila_config(path)
     processor = load_vila_processor(path, config)
     llm_map, vision_map = _part_device_maps(device)
-    llm, info = AutoModelForCausalLM.from_pretrained(
-        os.path.join(path, "llm"),
-        output_loading_info=True,
-        use_safetensors=True,
-        trust_remote_code=False,
-        attn_implementation=default_attn_implementation(),
-        **_dtype_kwargs(dtype),
-        **llm_map,
-    )
+    with quiet_load_report():  # judged by _check_part, named as keys of the combined model
+        llm, info = AutoModelForCausalLM.from_pretrained(
+            os.path.join(path, "llm"),
+            output_loading_info=True,
+            use_safetensors=True,
+            trust_remote_code=False,
+            ignore_mismatched_sizes=True,  # (mis-shaped tensors: named by _check_part, not raised by transformers)
+            attn_implementation=default_attn_implementation(),
+            **_dtype_kwargs(dtype),
+            **llm_map,
+        )
     _check_part("llm", info, path, allow_missing_keys, allow_unexpected_keys)
     if vision_map is None:  # an accelerate strategy: follow the LLM's input embeddings
         vision_map = {"device_map": {"": str(llm.get_input_embeddings().weight.device)}}
@@ -249,6 +251,7 @@ def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         use_safetensors=True,
         allow_missing_keys=[".*"],  # judged below under the combined model's names
         allow_unexpected_keys=[".*"],
+        ignore_mismatched_sizes=True,
         **_dtype_kwargs(dtype),
         **vision_map,
     )

@@ -16,12 +16,17 @@ safetensors only.
   ``from_pretrained`` of a transformers / peft class also passes ``trust_remote_code=False`` (tests scan for it).
 - :func:`check_loading_info`: nothing loads half a model. Missing or unexpected tensors in a checkpoint are a
   :class:`CheckpointError` naming them, unless the caller allows them explicitly by name pattern
-  (``allow_missing_keys=`` / ``allow_unexpected_keys=``, regular expressions searched in the key).
+  (``allow_missing_keys=`` / ``allow_unexpected_keys=``, regular expressions searched in the key); mis-shaped
+  ones likewise, unless the caller passes transformers' ``ignore_mismatched_sizes=True``.
+  :func:`strict_from_pretrained` holds transformers' load-report table back (:func:`quiet_load_report`): the
+  error names the keys in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -228,32 +233,37 @@ def _named(keys: Sequence[str], kind: str) -> str:
     return f"{len(keys)} {kind} key{'s' if len(keys) != 1 else ''} ({shown}{more})"
 
 
-def key_problems(missing: Iterable[str], unexpected: Iterable[str], allow_missing_keys: Sequence[str] = (),
-                 allow_unexpected_keys: Sequence[str] = ()) -> list[str]:
-    """Descriptions of the missing / unexpected tensors not allowed by the patterns (empty when none)."""
+# what allows each kind of problem (named in the error)
+_MISSING_HINT = "allow_missing_keys= patterns start those weights fresh"
+_UNEXPECTED_HINT = "allow_unexpected_keys= patterns ignore those tensors"
+_MISMATCHED_HINT = "ignore_mismatched_sizes=True starts the mis-shaped ones fresh"
+
+
+def _key_problems(missing, unexpected, allow_missing_keys, allow_unexpected_keys) -> list[tuple[str, str]]:
     missing = sorted(k for k in missing if not _matches(k, allow_missing_keys))
     unexpected = sorted(k for k in unexpected if not _matches(k, allow_unexpected_keys))
-    return [_named(keys, kind) for keys, kind in ((missing, "missing"), (unexpected, "unexpected")) if keys]
+    return [(_named(keys, kind), hint) for keys, kind, hint in
+            ((missing, "missing", _MISSING_HINT), (unexpected, "unexpected", _UNEXPECTED_HINT)) if keys]
 
 
 def check_loading_info(info: dict[str, Any], what: str, allow_missing_keys: Sequence[str] = (),
-                       allow_unexpected_keys: Sequence[str] = ()) -> None:
+                       allow_unexpected_keys: Sequence[str] = (), allow_mismatched_sizes: bool = False) -> None:
     """Raise :class:`CheckpointError` naming the missing / unexpected / mis-shaped tensors of a
-    ``from_pretrained(..., output_loading_info=True)`` report that the patterns do not allow.
+    ``from_pretrained(..., output_loading_info=True)`` report that the patterns (and ``allow_mismatched_sizes``,
+    transformers' ``ignore_mismatched_sizes=True`` of the caller) do not allow.
 
     Tied weights (``lm_head`` tied to the input embeddings) and non-persistent buffers are not in a checkpoint
     and transformers does not report them as missing."""
-    problems = key_problems(info.get("missing_keys") or (), info.get("unexpected_keys") or (),
-                            allow_missing_keys, allow_unexpected_keys)
+    problems = _key_problems(info.get("missing_keys") or (), info.get("unexpected_keys") or (),
+                             allow_missing_keys, allow_unexpected_keys)
     mismatched = [f"{e[0]} {tuple(e[1])} vs {tuple(e[2])}" if isinstance(e, (tuple, list)) and len(e) == 3
                   else str(e) for e in info.get("mismatched_keys") or ()]
-    if mismatched:
-        problems.append(f"mismatched shapes (checkpoint vs model): {', '.join(sorted(mismatched)[:SHOWN_KEYS])}")
+    if mismatched and not allow_mismatched_sizes:
+        shown = ", ".join(sorted(mismatched)[:SHOWN_KEYS])
+        problems.append((f"mismatched shapes (checkpoint vs model): {shown}", _MISMATCHED_HINT))
     if problems:
-        raise CheckpointError(
-            f"{what}: {'; '.join(problems)}; the checkpoint does not fill the model (pass "
-            "allow_missing_keys= / allow_unexpected_keys= patterns to start those weights fresh / ignore them)"
-        )
+        raise CheckpointError(f"{what}: {'; '.join(p for p, _ in problems)}; the checkpoint does not fill the "
+                              f"model (if that is meant: {', '.join(h for _, h in problems)})")
 
 
 def pop_key_allowances(kwargs: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]:
@@ -266,14 +276,51 @@ def pop_key_allowances(kwargs: dict[str, Any]) -> tuple[dict[str, Any], tuple[st
     return kwargs, allow[0], allow[1]
 
 
+class _HeldBack(logging.Filter):
+    """Keeps the records of transformers' load report instead of letting them print."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def quiet_load_report():
+    """Hold back transformers' load report (a table of MISSING / UNEXPECTED / MISMATCH keys on stderr) while a
+    ``from_pretrained`` runs: the caller judges the loading info and names the offending keys in one error. If the
+    load itself fails, the report is printed after all (transformers' own error points at it)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldBack()
+    logger.addFilter(held)
+    try:
+        yield
+    except BaseException:
+        logger.removeFilter(held)
+        for record in held.records:
+            logger.handle(record)
+        raise
+    finally:
+        logger.removeFilter(held)
+
+
 def strict_from_pretrained(load, path: str, what: str, *model_args, **kwargs):
-    """``load(path, *model_args, **kwargs)`` (a ``PreTrainedModel.from_pretrained``) that raises on missing or
-    unexpected tensors (see :func:`check_loading_info`); returns ``(model, info)`` only if the caller asked for
+    """``load(path, *model_args, **kwargs)`` (a ``PreTrainedModel.from_pretrained``) that raises on missing,
+    unexpected or mis-shaped tensors (see :func:`check_loading_info`; mis-shaped ones are allowed only by the
+    caller's ``ignore_mismatched_sizes=True``); returns ``(model, info)`` only if the caller asked for
     ``output_loading_info``."""
     kwargs, allow_missing, allow_unexpected = pop_key_allowances(kwargs)
     if kwargs.pop("trust_remote_code", False):
         raise CustomCodeError(f"{what} {path}: trust_remote_code=True is refused; VILA-HD never runs checkpoint code")
     want_info = bool(kwargs.pop("output_loading_info", False))
-    model, info = load(path, *model_args, output_loading_info=True, trust_remote_code=False, **kwargs)
-    check_loading_info(info, f"{what} {path}", allow_missing, allow_unexpected)
+    allow_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
+    with quiet_load_report():  # (mis-shaped tensors: reported below by name, not raised by transformers)
+        model, info = load(path, *model_args, output_loading_info=True, trust_remote_code=False,
+                           ignore_mismatched_sizes=True, **kwargs)
+    check_loading_info(info, f"{what} {path}", allow_missing, allow_unexpected, allow_mismatched)
     return (model, info) if want_info else model
