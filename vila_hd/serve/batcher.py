@@ -6,9 +6,11 @@ rows, a request with ``n`` choices being ``n`` rows) and answers them with one l
 Streaming inside a batch: the engine's streamer gets each step's new token of every row; :class:`RowStreamer`
 decodes each row on its own and hands its text to that row's request as soon as it is whole characters, so
 every request streams as if it ran alone. A finished row is padded until the batch ends. A request whose
-client went away is skipped if still queued; in a running batch its rows stop being sent, and the batch stops
-once no row is wanted any more. Seeded sampling runs alone (a seed fixes one request's draws). If a batch
-fails, each of its requests is redone alone, so one bad request never fails its batch-mates.
+client went away (:meth:`Batcher.cancel`) gives its queue slot back at once and is skipped; in a running batch
+its rows stop being sent, and the batch stops once no row is wanted any more. Seeded sampling runs alone (a
+seed fixes one request's draws). If a batch fails, each of its requests is redone alone, so one bad request
+never fails its batch-mates; a redo streams on from the text its client already has (greedy decoding gives a
+row the same text alone as in a batch).
 """
 
 from __future__ import annotations
@@ -32,14 +34,24 @@ log = logging.getLogger("vila_hd.serve")
 @dataclass
 class Job:
     """One request in the queue. ``emit(kind, payload)`` is called from the worker thread with ``("start",
-    None)``, ``("delta", (choice, text))``, ``("done", results)`` or ``("error", exception)``."""
+    None)`` (once per generate it takes part in), ``("delta", (choice, text))``, ``("done", results)`` or
+    ``("error", exception)``. ``sent[choice]``: characters of that choice already handed out;
+    ``finished[choice]``: the client needs no more of it (a stop string was hit)."""
 
     request: ChatRequest
     conversations: list[Any]
     emit: Callable[[str, Any], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: list[bool] = field(default_factory=list)
+    sent: list[int] = field(default_factory=list)
+    queued: bool = False
     started_at: float | None = None
+    first_token_at: float | None = None
+    batch_rows: int = 0  # rows of the last generate this request was in
+
+    def __post_init__(self):
+        self.finished = [False] * self.rows
+        self.sent = [0] * self.rows
 
     @property
     def rows(self) -> int:
@@ -86,7 +98,6 @@ class RowStreamer(BaseStreamer):
     def __init__(self, tokenizer, stop_ids: set[int], owners: list[tuple[Job, int]], stop: threading.Event):
         self.tokenizer, self.stop_ids, self.owners, self.stop = tokenizer, stop_ids, owners, stop
         self.ids: list[list[int]] = [[] for _ in owners]
-        self.sent = [0] * len(owners)  # characters of each row's text already handed out
         self.done = [False] * len(owners)
         self.prompt_seen = False
 
@@ -95,14 +106,19 @@ class RowStreamer(BaseStreamer):
             self.prompt_seen = True
             for job in {id(j): j for j, _ in self.owners}.values():
                 job.started_at = time.perf_counter()
+                job.batch_rows = len(self.owners)
                 job.emit("start", None)
             return
+        now = time.perf_counter()
         for row, token in enumerate(value.reshape(-1).tolist()):
             if self.done[row]:
                 continue
             if token in self.stop_ids:
                 self.done[row] = True
                 continue
+            job = self.owners[row][0]
+            if job.first_token_at is None:
+                job.first_token_at = now
             self.ids[row].append(token)
             self._emit(row, final=False)
         self._maybe_stop()
@@ -116,9 +132,9 @@ class RowStreamer(BaseStreamer):
         if job.cancelled.is_set():
             return
         text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-        if len(text) > self.sent[row] and (final or not text.endswith("\ufffd")):
-            job.emit("delta", (choice, text[self.sent[row]:]))
-            self.sent[row] = len(text)
+        if len(text) > job.sent[choice] and (final or not text.endswith("\ufffd")):
+            job.emit("delta", (choice, text[job.sent[choice]:]))
+            job.sent[choice] = len(text)
 
     def _maybe_stop(self) -> None:
         wanted = [not (done or job.cancelled.is_set() or job.finished[choice])
@@ -137,6 +153,7 @@ class Batcher:
         self.pending = 0
         self.lock = threading.Lock()
         self.generate_calls = 0
+        self.closed = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="vila-hd-serve-worker")
         self.thread.start()
 
@@ -146,21 +163,39 @@ class Batcher:
             if self.pending >= self.max_queue:
                 raise QueueFull(f"the server queue is full ({self.max_queue} requests waiting, --max-queue)")
             self.pending += 1
-        job.finished = [False] * job.rows
+            job.queued = True
         self.queue.put(job)
 
+    def cancel(self, job: Job) -> None:
+        """The client of ``job`` went away: a queued job gives its slot back now and is never run; a running
+        one stops being streamed (its batch stops when no row is wanted)."""
+        job.cancelled.set()
+        self._dequeue(job)
+
+    def _dequeue(self, job: Job) -> None:
+        with self.lock:
+            if job.queued:
+                job.queued = False
+                self.pending -= 1
+
     def close(self) -> None:
+        self.closed.set()
         self.queue.put(None)
         self.thread.join(timeout=10)
 
     # --- worker ---------------------------------------------------------------------------------------
     def _next(self, timeout: float | None) -> Job | None:
-        if self.held:
-            return self.held.popleft()
-        try:
-            return self.queue.get(timeout=timeout) if timeout is not None else self.queue.get()
-        except queue.Empty:
-            return None
+        """The oldest live job (held ones first); ``None`` on timeout or at :meth:`close`."""
+        while True:
+            if self.held:
+                job = self.held.popleft()
+            else:
+                try:
+                    job = self.queue.get(timeout=timeout) if timeout is not None else self.queue.get()
+                except queue.Empty:
+                    return None
+            if job is None or not job.cancelled.is_set():
+                return job
 
     def _take(self) -> list[Job] | None:
         first = self._next(None)
@@ -182,12 +217,12 @@ class Batcher:
         return batch
 
     def _loop(self) -> None:
-        while True:
+        while not self.closed.is_set():
             batch = self._take()
             if batch is None:
                 return
-            with self.lock:
-                self.pending -= len(batch)
+            for job in batch:
+                self._dequeue(job)
             live = [job for job in batch if not job.cancelled.is_set()]
             if live:
                 self._answer(live)

@@ -3,38 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import json
 import logging
 import os
+import socket
 import sys
+import time
 from collections.abc import Sequence
 
+from vila_hd.errors import ConfigError
+
 INSTALL_HINT = "vila-hd serve: error: the server needs FastAPI and uvicorn: pip install 'vila-hd[serve]'"
+LOGGERS = ("vila_hd.serve", "uvicorn.error")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vila_hd.cli import add_generation_arguments, add_limit_arguments, add_model_arguments, positive_int
+    from vila_hd.cli import (
+        add_generation_arguments,
+        add_limit_arguments,
+        add_model_arguments,
+        non_negative_float,
+        number_arg,
+        positive_int,
+    )
 
-    parser = argparse.ArgumentParser(prog="vila-hd serve", description="OpenAI-compatible HTTP server for VILA-HD")
+    port = number_arg(int, lambda n: 0 <= n <= 65535, "a port number in 0..65535")
+    parser = argparse.ArgumentParser(prog="vila-hd serve", description="OpenAI-compatible HTTP server for VILA-HD "
+                                     "(POST /v1/chat/completions, GET /v1/models, GET /health); see docs/serving.md")
     add_model_arguments(parser)
     add_generation_arguments(parser)
     add_limit_arguments(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
-    group.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
-    group.add_argument("--api-key", default=os.environ.get("VILA_HD_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' (default: $VILA_HD_API_KEY; none: open)")
-    group.add_argument("--served-model-name", help="the model id clients see (default: the --model name)")
+    group.add_argument("--port", type=port, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    key = group.add_mutually_exclusive_group()
+    key.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (default: no key)")
+    key.add_argument("--api-key-file", metavar="PATH", help="read the key from PATH (keeps it out of `ps`)")
+    group.add_argument("--served-model-name", metavar="NAME", help="the model id clients see (default: the "
+                       "--model folder's name)")
     group.add_argument("--max-batch-size", type=positive_int, default=8, metavar="N",
                        help="most rows answered in one generate (default: %(default)s)")
     group.add_argument("--max-queue", type=positive_int, default=64, metavar="N",
                        help="most requests waiting; more get 429 with Retry-After (default: %(default)s)")
-    group.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
+    group.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0, metavar="MS",
                        help="how long the worker waits for batch-mates (default: %(default)s)")
     group.add_argument("--media-root", metavar="DIR", help="allow file:// and plain image paths under DIR")
     group.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     group.add_argument("--max-image-bytes", type=positive_int, default=20 * 2**20, metavar="N",
                        help="largest image file accepted (default: %(default)s)")
-    group.add_argument("--log-json", action="store_true", help="one JSON object per request log line")
+    group.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     return parser
 
 
@@ -51,18 +69,98 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.media_root is not None and not os.path.isdir(args.media_root):
-        print(f"vila-hd serve: error: --media-root {args.media_root!r} is not a directory", file=sys.stderr)
-        return 1
-    logging.basicConfig(level=logging.INFO, format="%(message)s" if args.log_json else "%(asctime)s %(message)s")
+        raise ConfigError(f"--media-root {args.media_root!r} is not a directory")
+    api_key = read_api_key(args)
+    sock = bind(args.host, args.port)  # before loading the model: a busy port fails at once
+    setup_logging(args.log_json)
     engine = load_engine(args, "vila-hd serve")
     if engine is None:
+        sock.close()
         return 1
     config = ServeConfig(
         model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)) or args.model,
-        api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+        api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         batch_wait_s=args.batch_wait_ms / 1000,
-        media=MediaPolicy(args.media_root, args.allow_remote_images, args.max_image_bytes), log_json=args.log_json,
+        media=MediaPolicy(args.media_root, args.allow_remote_images, args.max_image_bytes),
     )
-    print(f"vila-hd serve: serving {config.model_name} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level="warning")
+    host, port = sock.getsockname()[:2]
+    if not api_key and not is_loopback(args.host):
+        print(f"vila-hd serve: warning: listening on {host} without --api-key: anyone who can reach port {port} "
+              "can use the model", file=sys.stderr)
+    print(f"vila-hd serve: serving {config.model_name} on http://{_url_host(host)}:{port}", file=sys.stderr,
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="warning", log_config=None))
+    server.run(sockets=[sock])
     return 0
+
+
+def read_api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key_file is None:
+        if args.api_key == "":
+            raise ConfigError("--api-key is empty")
+        return args.api_key
+    try:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            key = f.read().strip()
+    except OSError as err:
+        raise ConfigError(f"--api-key-file {args.api_key_file!r}: {err.strerror}") from None
+    if not key or any(c.isspace() for c in key):
+        raise ConfigError(f"--api-key-file {args.api_key_file!r} must hold one key (no spaces), got "
+                          f"{'nothing' if not key else 'several words'}")
+    return key
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: a free one); a refusal names the flags."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        raise ConfigError(f"--host {host!r}: {err.strerror or err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} (--host / --port): {err.strerror or err}") from None
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per record: time, level and the request's fields (or the message and traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created)), "level": record.levelname}
+        request = getattr(record, "request", None)
+        if request is not None:
+            out.update(request)
+        else:
+            out["message"] = record.getMessage()
+            if record.exc_info:
+                out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(log_json: bool) -> None:
+    """The server's own log (one line per request) and uvicorn's errors on stderr, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines() if log_json else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

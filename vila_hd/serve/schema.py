@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from PIL import Image
 
@@ -21,8 +22,12 @@ ROLES = {"system", "developer", "user", "assistant"}
 KNOWN_FIELDS = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "seed", "stop", "n", "user", "num_look_close", "num_token_look_close", "look_close_mode", "return_selection",
-    "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "metadata", "store",
+    "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "metadata", "store", "logprobs",
+    "top_logprobs",
 }
+# Fields read only so that a client's defaults pass: any other value is refused, never silently ignored.
+NEUTRAL = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
+           "top_logprobs": (0,), "response_format": ({"type": "text"},)}
 MAX_N = 8
 MAX_STOPS = 4
 
@@ -97,7 +102,8 @@ def _stop(body: dict) -> list[str]:
 def parse_options(body: dict, defaults: GenerationOptions, limits: ServingLimits) -> GenerationOptions:
     """The engine options of ``body`` over the server's ``defaults``; the VILA-HD fields as the CLI checks them."""
     tokens = _int(body, "max_completion_tokens", 1)
-    tokens = tokens if tokens is not None else _int(body, "max_tokens", 1)
+    legacy = _int(body, "max_tokens", 1)
+    tokens = tokens if tokens is not None else legacy
     changes: dict[str, Any] = {}
     if tokens is not None:
         try:
@@ -133,9 +139,9 @@ def parse_request(body: Any, defaults: GenerationOptions, limits: ServingLimits,
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
         raise APIError(400, f"unknown field {unknown[0]!r}; this server reads {sorted(KNOWN_FIELDS)}", unknown[0])
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported by vila-hd serve (leave it unset or 0)", name)
+    for name, neutral in NEUTRAL.items():
+        if body.get(name) is not None and body[name] not in neutral:
+            raise APIError(400, f"{name} is not supported by vila-hd serve (leave it unset or {neutral[0]!r})", name)
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise APIError(400, f"model must be a string, got {body['model']!r}", "model")
     for name in ("stream", "return_selection"):
@@ -145,12 +151,13 @@ def parse_request(body: Any, defaults: GenerationOptions, limits: ServingLimits,
     if not isinstance(stream_options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options")
     options = parse_options(body, defaults, limits)
+    n, seed, stop = _int(body, "n", 1, MAX_N) or 1, _int(body, "seed", 0, 2**63 - 1), _stop(body)
+    # the images are decoded last: a request with a bad field costs no image work
     system, messages, images = parse_messages(body.get("messages"), limits, media, image_token)
     return ChatRequest(
         system=system, messages=messages, images=images, options=options, stream=bool(body.get("stream")),
-        include_usage=bool(stream_options.get("include_usage")), n=_int(body, "n", 1, MAX_N) or 1,
-        seed=_int(body, "seed", 0, 2**63 - 1), stop=_stop(body), return_selection=bool(body.get("return_selection")),
-        model=body.get("model"),
+        include_usage=bool(stream_options.get("include_usage")), n=n, seed=seed, stop=stop,
+        return_selection=bool(body.get("return_selection")), model=body.get("model"),
     )
 
 
@@ -218,12 +225,16 @@ def _content(content: Any, where: str, limits: ServingLimits, media: MediaPolicy
 
 def load_url(url: str, param: str, limits: ServingLimits, media: MediaPolicy) -> Image.Image:
     """Decode the image at ``url`` (see :class:`MediaPolicy`), the pixel limit checked from the header."""
-    if url.startswith("data:"):
+    scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+    if scheme == "data":
         data = _data_url(url, param, media)
-    elif url.startswith(("http://", "https://")):
+    elif scheme in ("http", "https"):
         data = _remote(url, param, media)
-    else:
+    elif scheme in ("", "file"):
         data = _local(url, param, media)
+    else:
+        raise APIError(400, f"{param}: unsupported image URL scheme {scheme!r} (data:, http(s): or a file path)",
+                       param)
     return decode_image(data, param, limits)
 
 
@@ -240,20 +251,33 @@ def _data_url(url: str, param: str, media: MediaPolicy) -> bytes:
 
 
 def _local(url: str, param: str, media: MediaPolicy) -> bytes:
-    if media.media_root is None:
-        raise APIError(400, f"{param}: local image paths are refused (the server has no --media-root); send a "
-                            "data: URL", param)
-    path = url[len("file://"):] if url.startswith("file://") else url
-    root = os.path.realpath(media.media_root)
-    real = os.path.realpath(os.path.join(root, path))
-    if os.path.commonpath([root, real]) != root:
-        raise APIError(400, f"{param}: {path!r} is outside the media root", param)
+    real, path = _local_path(url, param, media)
     if not os.path.isfile(real):
         raise APIError(400, f"{param}: no image file {path!r} under the media root", param)
     if os.path.getsize(real) > media.max_bytes:
         raise APIError(413, f"{param}: {path!r} is over {media.max_bytes} bytes (--max-image-bytes)", param)
     with open(real, "rb") as f:
         return f.read()
+
+
+def _local_path(url: str, param: str, media: MediaPolicy) -> tuple[str, str]:
+    """``(resolved real path, path as given)`` of a plain path or ``file:`` URL, refused outside the root."""
+    if media.media_root is None:
+        raise APIError(400, f"{param}: local image paths are refused (the server has no --media-root); send a "
+                            "data: URL", param)
+    path = url
+    if url.lower().startswith("file:"):
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise APIError(400, f"{param}: a file URL must be file:///PATH (got host {parts.netloc!r})", param)
+        path = unquote(parts.path)
+    if "\0" in path:
+        raise APIError(400, f"{param}: the image path contains a NUL character", param)
+    root = os.path.realpath(media.media_root)
+    real = os.path.realpath(os.path.join(root, path))
+    if os.path.commonpath([root, real]) != root:
+        raise APIError(400, f"{param}: {path!r} is outside the media root", param)
+    return real, path
 
 
 def _remote(url: str, param: str, media: MediaPolicy) -> bytes:
