@@ -71,13 +71,18 @@ def _check_layout(path: str) -> dict[str, Any]:
 
 def read_vision_config(vision_dir: str):
     """PS3 vision config of ``vision_dir`` (a ``ps3_vision_model`` or full ``ps3`` config; ``s3_scales`` ok)."""
+    from vila_hd.errors import ConfigError
     from vila_hd.ps3 import PS3VisionConfig
 
-    data = _read_json(os.path.join(vision_dir, "config.json"))
+    file = os.path.join(vision_dir, "config.json")
+    data = _read_json(file)
     if data.get("model_type") == "ps3" or "vision_config" in data:
         data = dict(data.get("vision_config") or {})
     data = {k: v for k, v in data.items() if k not in ("model_type", "architectures", "transformers_version")}
-    return PS3VisionConfig(**data)
+    try:
+        return PS3VisionConfig(**data)
+    except ConfigError as err:  # (an unknown backbone without its sizes): name the file
+        raise ConfigError(f"{file}: {err}") from err
 
 
 def read_vila_config(path: str | os.PathLike):

@@ -1,15 +1,18 @@
-"""Nothing loads half a model (issue #13 section 5a).
+"""Nothing loads half a model (issue #13 section 5a), nor a model of guessed sizes (section 6).
 
 A checkpoint with a tensor removed, with none at all (an empty ``model.safetensors``), with an extra tensor or
 with a mis-shaped one is a ``CheckpointError`` naming the keys -- for our single-directory format, a PS3 checkpoint
 and the VILA layout's LLM (its other parts: tests/test_vila_checkpoint.py), in the library and through ``vila-hd
 chat`` (one line, exit 1, no traceback, no transformers load-report table). ``allow_missing_keys=`` /
 ``allow_unexpected_keys=`` patterns (and transformers' ``ignore_mismatched_sizes=True``) allow them explicitly:
-then only the allowed tensors are fresh, every other one is the checkpoint's, bit for bit.
+then only the allowed tensors are fresh, every other one is the checkpoint's, bit for bit. A PS3 ``model_name``
+that is not a known backbone needs its sizes explicitly (``ConfigError`` naming the name, the known names and the
+fields), instead of getting SO400M sizes and failing on every tensor's shape.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -228,6 +231,90 @@ def test_vila_llm_mis_shaped_or_missing_tensor_is_named_as_a_key_of_the_model(vi
         VilaHDForConditionalGeneration.from_pretrained(vila_dir)
     model = VilaHDForConditionalGeneration.from_pretrained(vila_dir, allow_missing_keys=[re.escape(key) + "$"])
     assert_only_fresh(model.language_model, original, {key})
+
+
+# --- an unknown PS3 backbone (issue #13 section 6) -----------------------------------------------------------
+SO400M = dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304, patch_size=14)
+SIZES = tuple(SO400M)
+RELEASED = ("vit_so400m_patch14_siglip_384", "vit_so400m_patch14_siglip_378")  # ../shared/docs/ps3-reference.md §1
+
+
+def test_an_unknown_backbone_without_its_sizes_is_refused_by_name():
+    from vila_hd.errors import ConfigError
+    from vila_hd.ps3 import PS3VisionConfig
+
+    with pytest.raises(ConfigError) as err:
+        PS3VisionConfig(model_name="vit_giant_patch16_custom")
+    message = str(err.value)
+    assert "model_name='vit_giant_patch16_custom' is not a known backbone" in message and "\n" not in message
+    assert all(name in message for name in RELEASED)
+    assert f"set {', '.join(SIZES)} explicitly" in message
+    with pytest.raises(ConfigError, match=r"set num_hidden_layers, intermediate_size explicitly"):  # only those
+        PS3VisionConfig(model_name="vit_custom", hidden_size=32, num_attention_heads=4, patch_size=14)
+
+
+def test_an_unknown_backbone_with_explicit_sizes_builds_and_round_trips(tmp_path):
+    from vila_hd.model.configuration import VilaHDConfig
+    from vila_hd.model.tiny import tiny_config
+    from vila_hd.ps3 import PS3VisionConfig, PS3VisionModel
+    from vila_hd.ps3.configuration import tiny_vision_config
+
+    torch.manual_seed(0)
+    PS3VisionModel(tiny_vision_config(model_name="my_tiny_vit")).save_pretrained(tmp_path / "ps3")
+    config = PS3VisionModel.from_pretrained(tmp_path / "ps3").config
+    assert config.model_name == "my_tiny_vit" and (config.hidden_size, config.num_hidden_layers) == (32, 4)
+    same_as_so400m = PS3VisionConfig(model_name="my_so400m", **SO400M, select_based_on_layer=[0, 9, 18, 26])
+    same_as_so400m.save_pretrained(tmp_path / "so400m")  # sizes equal to the defaults are kept in the file too
+    assert PS3VisionConfig.from_pretrained(tmp_path / "so400m").to_dict() == same_as_so400m.to_dict()
+    tiny_config("tiny", vision_overrides={"model_name": "my_tiny_vit"}).save_pretrained(tmp_path / "vila_hd")
+    vision = VilaHDConfig.from_pretrained(tmp_path / "vila_hd").vision_config
+    assert vision.model_name == "my_tiny_vit" and vision.num_hidden_layers == 4
+
+
+def test_the_released_backbone_names_still_resolve():
+    from vila_hd.ps3 import PS3VisionConfig, preset_config
+    from vila_hd.ps3.configuration import PRESETS
+
+    for name in (*RELEASED, None):  # None: an unnamed backbone is the reference's SO400M
+        config = PS3VisionConfig(model_name=name, select_based_on_layer=[0, 9, 18, 26])
+        assert {k: getattr(config, k) for k in SIZES} == SO400M, name
+    for preset in PRESETS:
+        vision = preset_config(preset).vision_config
+        assert vision.model_name in RELEASED and {k: getattr(vision, k) for k in SIZES} == SO400M, preset
+
+
+def test_loading_an_unknown_backbone_names_the_config_file(ps3_dir):
+    from vila_hd.errors import ConfigError
+    from vila_hd.ps3 import PS3VisionModel
+
+    config = json.loads((ps3_dir / "config.json").read_text())
+    config["model_name"] = "vit_custom"
+    del config["num_hidden_layers"]
+    (ps3_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(ps3_dir / 'config.json'))}: PS3 vision config: "
+                                          r"model_name='vit_custom' is not a known backbone .* set num_hidden_layers"):
+        PS3VisionModel.from_pretrained(ps3_dir)
+
+
+def test_convert_refuses_an_unknown_backbone_in_one_line(vila_dir, tmp_path):
+    file = vila_dir / "vision_tower" / "config.json"
+    config = json.loads(file.read_text())
+    config["model_name"] = "vit_giant_patch16_custom"
+    for key in ("num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        config.pop(key, None)
+    file.write_text(json.dumps(config))
+    env = {**fresh_job_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    out = tmp_path / "converted"
+    proc = subprocess.run([EXE, "convert", "--to", "hf", str(vila_dir), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, encoding="utf-8", timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "LOAD REPORT" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if ERROR_LINE.match(line)]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"vila-hd: error: {file}: PS3 vision config: model_name='vit_giant_patch16_custom'")
+    assert "set num_hidden_layers, num_attention_heads, intermediate_size explicitly" in lines[0]
+    assert not out.exists() or not any(out.iterdir())
 
 
 # --- a known gap, left to the builder's owner ---------------------------------------------------------------------

@@ -9,9 +9,12 @@ default to the sizes of the named timm backbone.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 from transformers import PretrainedConfig
+
+from ..errors import ConfigError
 
 # timm backbones the released checkpoints name; both are the same SO400M/14 network.
 KNOWN_BACKBONES: dict[str, dict[str, Any]] = {
@@ -26,7 +29,43 @@ _DEFAULT_BACKBONE = "vit_so400m_patch14_siglip_384"
 _BACKBONE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
 
 
-class PS3VisionConfig(PretrainedConfig):
+def backbone_sizes(model_name: str | None, explicit: dict[str, int | None]) -> dict[str, int]:
+    """The backbone sizes: those of the named timm backbone (SO400M when unnamed), replaced by the explicit ones.
+
+    Raises:
+        ConfigError: ``model_name`` is not a known backbone and some sizes are not given (a guess would build the
+            SO400M network and fail later on every tensor's shape).
+    """
+    if model_name is None or model_name in KNOWN_BACKBONES:
+        sizes = dict(KNOWN_BACKBONES[model_name or _DEFAULT_BACKBONE])
+    else:
+        missing = [k for k in _BACKBONE_FIELDS if explicit.get(k) is None]
+        if missing:
+            raise ConfigError(
+                f"PS3 vision config: model_name={model_name!r} is not a known backbone ({', '.join(KNOWN_BACKBONES)}) "
+                f"and its sizes are not given: set {', '.join(missing)} explicitly in the vision config (an unknown "
+                f"backbone needs all of {', '.join(_BACKBONE_FIELDS)})"
+            )
+        sizes = {}
+    sizes.update({k: v for k, v in explicit.items() if v is not None})
+    return sizes
+
+
+class _NamesItsFile:
+    """``from_pretrained`` of a config: a refused value (:class:`ConfigError`) names the file it was read from."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except ConfigError as err:
+            where = os.fspath(pretrained_model_name_or_path)
+            if os.path.isdir(where):
+                where = os.path.join(where, kwargs.get("subfolder") or "", "config.json")
+            raise ConfigError(f"{where}: {err}") from err
+
+
+class PS3VisionConfig(_NamesItsFile, PretrainedConfig):
     """Configuration of the PS3 vision tower (backbone + selection modules)."""
 
     model_type = "ps3_vision_model"
@@ -64,7 +103,6 @@ class PS3VisionConfig(PretrainedConfig):
         for stale in ("image_size", "vision_tower_name"):  # derived below, never authoritative
             kwargs.pop(stale, None)
         super().__init__(**kwargs)
-        sizes = dict(KNOWN_BACKBONES.get(model_name or _DEFAULT_BACKBONE, KNOWN_BACKBONES[_DEFAULT_BACKBONE]))
         explicit = dict(
             hidden_size=hidden_size,
             num_hidden_layers=num_hidden_layers,
@@ -72,7 +110,7 @@ class PS3VisionConfig(PretrainedConfig):
             intermediate_size=intermediate_size,
             patch_size=patch_size,
         )
-        sizes.update({k: v for k, v in explicit.items() if v is not None})
+        sizes = backbone_sizes(model_name, explicit)
         self.model_name = model_name
         for key in _BACKBONE_FIELDS:
             setattr(self, key, int(sizes[key]))
@@ -154,7 +192,7 @@ class PS3VisionConfig(PretrainedConfig):
         return out
 
 
-class PS3TextConfig(PretrainedConfig):
+class PS3TextConfig(_NamesItsFile, PretrainedConfig):
     """Configuration of the PS3 (open_clip-style) text tower used for standalone top-down selection."""
 
     model_type = "ps3_text_model"
@@ -209,7 +247,7 @@ class PS3TextConfig(PretrainedConfig):
         self.norm_kwargs = dict(norm_kwargs or {})
 
 
-class PS3Config(PretrainedConfig):
+class PS3Config(_NamesItsFile, PretrainedConfig):
     """Vision + text configuration, as stored in the released ``config.json`` (model_type ``ps3``)."""
 
     model_type = "ps3"
