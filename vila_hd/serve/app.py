@@ -116,6 +116,10 @@ def create_app(engine, config: ServeConfig | None = None) -> FastAPI:
             entry.status, entry.error = err.status, err.message
             entry.write()
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        except Exception:  # a bug: the handler below answers 500; the request still gets its log line
+            entry.status, entry.error = 500, "internal server error"
+            entry.write()
+            raise
 
     return app
 
