@@ -28,6 +28,7 @@ from transformers.generation import BaseStreamer  # noqa: E402
 
 from vila_hd.engine import Engine, GenerationOptions, ServingLimits  # noqa: E402
 from vila_hd.serve.app import ServeConfig, create_app  # noqa: E402
+from vila_hd.serve.schema import MediaPolicy  # noqa: E402
 
 KEY = "test-key"
 EXE = os.path.join(os.path.dirname(sys.executable), "vila-hd")
@@ -342,6 +343,40 @@ def test_local_paths_need_a_media_root(server):
     for url in ["/etc/passwd", "pic.png", "file:///etc/passwd"]:
         r = post(server, {"messages": user([image_part(url)])}, key=None)
         assert r.status_code == 400 and "--media-root" in r.json()["error"]["message"], r.text
+
+
+def test_remote_images_with_allow_remote_images(engine):
+    import http.server
+
+    png = io.BytesIO()
+    rgb(6).save(png, format="PNG")
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = png.getvalue() * (40 if self.path == "/big.png" else 1)
+            self.send_response(200 if self.path != "/missing.png" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{images.server_address[1]}"
+    s = Server(engine, media=MediaPolicy(allow_remote=True, max_bytes=len(png.getvalue()) * 10))
+    try:
+        def ask(name):
+            return post(s, {"messages": user([image_part(f"{base}/{name}")]), "max_tokens": 2}, key=None)
+
+        ok, missing, big = ask("pic.png"), ask("missing.png"), ask("big.png")
+    finally:
+        s.stop()
+        images.shutdown()
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+    assert missing.status_code == 400 and "HTTP 404" in missing.json()["error"]["message"]
+    assert big.status_code == 413 and "--max-image-bytes" in big.json()["error"]["message"]
 
 
 def test_one_json_log_line_per_request(exe):
