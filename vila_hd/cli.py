@@ -2,7 +2,7 @@
 
     vila-hd chat --model DIR_OR_HUB_ID [--image PATH ...] [--prompt TEXT [--json]]
     vila-hd infer --model DIR_OR_HUB_ID --input questions.jsonl --output answers.jsonl
-    vila-hd demo | convert | train | finetune-lora | merge-lora | data | eval | synth ...
+    vila-hd demo | convert | train | finetune-lora | merge-lora | data | eval | synth | pretrain | serve ...
                            forwarded to the function that parses them (see FORWARDED)
 
 Bad arguments exit with code 2 (argparse's message); a model that cannot be loaded, or any other
