@@ -52,12 +52,15 @@ def backbone_sizes(model_name: str | None, explicit: dict[str, int | None]) -> d
 
 
 class _NamesItsFile:
-    """``from_pretrained`` of a config: a refused value (:class:`ConfigError`) names the file it was read from."""
+    """``from_pretrained`` of a config: a refused value (:class:`ConfigError`) names the file it was read from;
+    remote code is never trusted."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if kwargs.pop("trust_remote_code", False):
+            raise ConfigError(f"{cls.__name__}: trust_remote_code=True is refused; VILA-HD never runs checkpoint code")
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            return super().from_pretrained(pretrained_model_name_or_path, *args, trust_remote_code=False, **kwargs)
         except ConfigError as err:
             where = os.fspath(pretrained_model_name_or_path)
             if os.path.isdir(where):
