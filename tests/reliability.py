@@ -28,6 +28,8 @@ FILES = {
     "faults": "tests/test_fault_injection.py",
     "checkpoints": "tests/test_checkpoint_manifest.py",
     "loading": "tests/test_loading_safety.py",
+    "custom_code": "tests/test_custom_code.py",
+    "strict_loading": "tests/test_strict_loading.py",
     "limits": "tests/test_serving_limits.py",
 }
 OUT = os.path.join(ROOT, "docs", "reliability.md")
@@ -122,12 +124,61 @@ def _checkpoints_section(c: dict) -> list[str]:
     ]
 
 
+def _merged(*outcomes: dict) -> dict:
+    """One outcome for several test files (counts and seconds added, failures listed)."""
+    return {k: sum(o[k] for o in outcomes) if k != "failures" else [f for o in outcomes for f in o[k]]
+            for k in ("passed", "failed", "skipped", "seconds", "failures")}
+
+
+def _contents_row(c: dict, outcome: dict) -> str:
+    g = lambda k: c.get(k, 0)  # noqa: E731
+    return (f"| checkpoint contents | **{g('planted_code_cases')}** checkpoints with code planted behind an "
+            f"`auto_map`, through {g('loader_refusals')} loader calls and {g('cli_runs')} `vila-hd chat` / `data "
+            f"check` runs answering `y`; {g('damaged_weight_cases')} weight files with tensors missing, none, extra "
+            f"or mis-shaped; {g('backbone_refusals')} unknown PS3 backbones | no planted code ran; each refused "
+            f"with one error naming the key (`auto_map`, the tensors, `model_name`) and the file; "
+            f"{g('allowance_cases')} explicit allowances load with only the allowed tensors fresh; {_status(outcome)} |")
+
+
+def _contents_section(c: dict) -> list[str]:
+    return [
+        "## Checkpoint contents (`tests/test_custom_code.py`, `tests/test_strict_loading.py`)",
+        "",
+        "- No code from a checkpoint directory runs. Before any transformers `Auto*` call, every loader (VILA-HD "
+        "and PS3 `from_pretrained`, the processors, the PS3 tokenizer, the VILA layout loader, the stage-1 builder,"
+        " `engine.load_model` / `vila_hd.load`, a LoRA adapter directory) refuses an `auto_map` at any depth of "
+        "`config.json`, `tokenizer_config.json`, `processor_config.json` or `preprocessor_config.json`, in the "
+        "directory and in its `llm/`, `vision_tower/`, `mm_projector/` folders (`CustomCodeError`, naming the key, "
+        "the file and the `.py` it points at). Every transformers / peft `from_pretrained` / `from_config` call "
+        "also passes `trust_remote_code=False` (an AST scan in `tests/test_loading_safety.py` fails any that does "
+        "not, outside an explicit list of our own loaders). The tests plant an `evil.py` that writes a marker when "
+        "imported, answer `y` on stdin, and check the marker never appears (and that transformers told to trust "
+        "remote code does import it).",
+        "- Nothing loads half a model. A checkpoint with tensors missing (one, or an empty `model.safetensors`), "
+        "unexpected or mis-shaped is a `CheckpointError` naming them (the first five and a count), for our "
+        "single-directory format, PS3 checkpoints and every part of the VILA layout (named as keys of the combined"
+        " model, `language_model.*`, `vision_tower.*`, `mm_projector.*`); `vila-hd` prints it as one line, without"
+        " transformers' load-report table. `from_pretrained(..., allow_missing_keys=[pattern])` / "
+        "`allow_unexpected_keys=[pattern]` (regular expressions searched in the key, e.g. "
+        "`^mm_projector\\.top_down_prompt_head\\.` for a new prompt head) and transformers' "
+        "`ignore_mismatched_sizes=True` allow them explicitly; every other tensor is then the checkpoint's, bit "
+        "for bit. A released PS3 checkpoint holds both towers: each tower ignores the other's tensors by design.",
+        "- An unknown PS3 backbone (`model_name` not one of the released timm names and not all of `hidden_size`, "
+        "`num_hidden_layers`, `num_attention_heads`, `intermediate_size`, `patch_size` given) is a `ConfigError` "
+        "naming the name, the known names and the fields to set (and the config file where it was read), "
+        "instead of SO400M sizes and a shape mismatch on every tensor.",
+        "- Not covered yet: the stage-1 builder (`init: {ps3, llm}`) loads the LLM without this check (a strict "
+        "xfail test marks it).",
+        "",
+    ]
+
+
 def render(figures: dict, outcomes: dict, full: bool) -> str:
     from vila_hd.engine import ServingLimits
 
     images, data, faults = figures.get("images", {}), figures.get("data", {}), figures.get("faults", {})
     loading, reasons = figures.get("loading", {}), figures.get("data_reasons", {})
-    checkpoints = figures.get("checkpoints", {})
+    checkpoints, contents = figures.get("checkpoints", {}), figures.get("contents", {})
     g = lambda d, k: d.get(k, 0)  # noqa: E731
     image_total = sum(g(images, k) for k in ("hypothesis_cases", "child_cases", "array_cases", "truncated_cases",
                                               "bomb_headers", "odd_paths"))
@@ -166,8 +217,10 @@ def render(figures: dict, outcomes: dict, full: bool) -> str:
         _checkpoints_row(checkpoints, outcomes["checkpoints"]),
         f"| loading safety | **{g(loading, 'planted_pickle_cases')}** planted pickles through every loading entry "
         f"point; {g(loading, 'files_scanned')} package files scanned; {g(loading, 'missing_path_cases')} missing "
-        f"local paths | no pickle executed; no `eval` / `exec` / unsafe `torch.load` / `trust_remote_code=True`; no "
-        f"Hub call for a local path; {_status(outcomes['loading'])} |",
+        f"local paths | no pickle executed; no `eval` / `exec` / unsafe `torch.load` / `trust_remote_code=True`, "
+        f"every transformers / peft loader call with `trust_remote_code=False`; no Hub call for a local path; "
+        f"{_status(outcomes['loading'])} |",
+        _contents_row(contents, _merged(outcomes["custom_code"], outcomes["strict_loading"])),
         f"| serving limits | pixels, images, new tokens, prompt tokens, through the engine, chat, infer and the "
         f"Python API | every request over a limit refused before the model runs, with the limit and its flag "
         f"named; {_status(outcomes['limits'])} |",
@@ -236,10 +289,12 @@ def render(figures: dict, outcomes: dict, full: bool) -> str:
         "- Training resume reads DeepSpeed's files with `torch.load(weights_only=True)` (DeepSpeed itself uses "
         "`weights_only=False`); a planted pickle raises `UnsafeCheckpointError` and is not executed.",
         "- An AST scan of vila_hd/, llava_compat/, train/, eval/ finds no `eval` / `exec`, no `pickle.load`, no "
-        "`torch.load` without `weights_only=True`, no `trust_remote_code=True`, no unsafe YAML.",
+        "`torch.load` without `weights_only=True`, no `trust_remote_code=True`, no unsafe YAML, and no "
+        "`from_pretrained` / `from_config` of a transformers or peft class without `trust_remote_code=False`.",
         "- A local-looking path that does not exist (`./x`, `/abs/x`, `~/x`, `x/y/z`, `../x`) is a "
         "`FileNotFoundError` raised before any Hub call (the tests make every Hub function and socket fail).",
         "",
+        *_contents_section(contents),
         "## Serving limits (`tests/test_serving_limits.py`)",
         "",
         "`vila_hd.engine.ServingLimits`, enforced by the engine before the model runs (so `vila-hd chat`, "

@@ -66,10 +66,11 @@ def _plant_spec(where: str) -> tuple[str, tuple[str, ...], dict]:
 
 
 @pytest.fixture
-def marker(tmp_path):
+def marker(tmp_path, reliability):
     path = tmp_path / "EVIL_CODE_RAN"
     yield path
     assert not path.exists(), "code planted in a checkpoint directory ran"
+    reliability.add("contents", "planted_code_cases", 1)
 
 
 @pytest.fixture
@@ -149,14 +150,15 @@ DATA_CHECK_PLANTS = ["config.json", "tokenizer_config.json", "llm/config.json"]
 
 
 @pytest.mark.parametrize("planted", CHAT_PLANTS, indirect=True)
-def test_chat_refuses_a_checkpoint_naming_custom_code(planted, tmp_path, marker):
+def test_chat_refuses_a_checkpoint_naming_custom_code(planted, tmp_path, marker, reliability):
     root, file = planted
     proc = _run(tmp_path, "chat", "--model", root, "--prompt", "hi")
     assert_refused(proc, 1, file)
+    reliability.add("contents", "cli_runs", 1)
 
 
 @pytest.mark.parametrize("planted", DATA_CHECK_PLANTS, indirect=True)
-def test_data_check_refuses_a_checkpoint_naming_custom_code(planted, tmp_path, marker):
+def test_data_check_refuses_a_checkpoint_naming_custom_code(planted, tmp_path, marker, reliability):
     """``data check`` exits 2 when it cannot check at all (1 is its "bad samples found")."""
     root, file = planted
     data = tmp_path / "data.json"
@@ -164,6 +166,7 @@ def test_data_check_refuses_a_checkpoint_naming_custom_code(planted, tmp_path, m
                                                               {"from": "gpt", "value": "A"}]}]))
     proc = _run(tmp_path, "data", "check", data, "--model", root, "--no-images")
     assert_refused(proc, 2, file)
+    reliability.add("contents", "cli_runs", 1)
 
 
 # --- the library's loaders ----------------------------------------------------------------------------------------
@@ -201,7 +204,7 @@ def test_every_loader_refuses_a_planted_directory(planted, marker, reliability):
                                                   rf"\(evil\.py\)") as err:
             loaders[name](str(root))
         assert str(root) in str(err.value), name
-    reliability.add("loading", "custom_code_cases", len(names))
+    reliability.add("contents", "loader_refusals", len(names))
 
 
 @pytest.fixture
@@ -223,7 +226,7 @@ def test_ps3_loaders_refuse_a_planted_directory(ps3_dir, where, marker, reliabil
                  PS3Tokenizer.from_pretrained, lambda p: PS3Tokenizer(p)):
         with pytest.raises(CustomCodeError, match=rf"auto_map in {re.escape(where)} "):
             load(str(ps3_dir))
-    reliability.add("loading", "custom_code_cases", 5)
+    reliability.add("contents", "loader_refusals", 5)
 
 
 def test_builder_and_stage_init_refuse_a_planted_llm(tiny, ps3_dir, tmp_path, marker):

@@ -80,47 +80,52 @@ def checkpoint(tiny_checkpoint, tmp_path) -> Path:
 
 
 # --- our single-directory format ------------------------------------------------------------------------------
-def test_a_missing_tensor_is_named(checkpoint, load_reports):
+def test_a_missing_tensor_is_named(checkpoint, load_reports, reliability):
     rewrite(checkpoint, without(DROPPED))
     with pytest.raises(CheckpointError, match=rf"ckpt: 1 missing key \({re.escape(DROPPED)}\); .*allow_missing_keys="
                        ) as err:
         VilaHDForConditionalGeneration.from_pretrained(checkpoint)
     assert "\n" not in str(err.value)
     assert not load_reports  # the error names the keys; no transformers table besides
+    reliability.add("contents", "damaged_weight_cases", 1)
 
 
-def test_an_empty_weights_file_is_named(checkpoint):
+def test_an_empty_weights_file_is_named(checkpoint, reliability):
     original = rewrite(checkpoint, lambda state: {})
     first = sorted(original)[0]
     with pytest.raises(CheckpointError, match=rf"{len(original)} missing keys \({re.escape(first)}, .*"
                                               rf"\.\.\. \({len(original) - 5} more\)\)"):
         VilaHDForConditionalGeneration.from_pretrained(checkpoint)
+    reliability.add("contents", "damaged_weight_cases", 1)
 
 
-def test_an_unexpected_tensor_is_named(checkpoint):
+def test_an_unexpected_tensor_is_named(checkpoint, reliability):
     rewrite(checkpoint, lambda state: {**state, "mm_projector.extra.weight": torch.zeros(2)})
     with pytest.raises(CheckpointError, match=r"1 unexpected key \(mm_projector\.extra\.weight\); .*"
                                               r"allow_unexpected_keys="):
         VilaHDForConditionalGeneration.from_pretrained(checkpoint)
+    reliability.add("contents", "damaged_weight_cases", 1)
 
 
-def test_a_mis_shaped_tensor_is_named_not_a_transformers_runtime_error(checkpoint):
+def test_a_mis_shaped_tensor_is_named_not_a_transformers_runtime_error(checkpoint, reliability):
     original = rewrite(checkpoint, lambda state: {**state, DROPPED: torch.zeros(3, 3)})
     shape = tuple(original[DROPPED].shape)
     with pytest.raises(CheckpointError, match=rf"mismatched shapes \(checkpoint vs model\): {re.escape(DROPPED)} "
                                               rf"\(3, 3\) vs {re.escape(str(shape))}; .*ignore_mismatched_sizes=True"):
         VilaHDForConditionalGeneration.from_pretrained(checkpoint)
+    reliability.add("contents", "damaged_weight_cases", 1)
 
 
-def test_allowed_missing_keys_start_fresh_and_nothing_else(checkpoint):
+def test_allowed_missing_keys_start_fresh_and_nothing_else(checkpoint, reliability):
     original = rewrite(checkpoint, without(DROPPED))
     with pytest.raises(CheckpointError, match="1 missing key"):  # a pattern that does not cover it allows nothing
         VilaHDForConditionalGeneration.from_pretrained(checkpoint, allow_missing_keys=[HEAD])
     model = VilaHDForConditionalGeneration.from_pretrained(checkpoint, allow_missing_keys=re.escape(DROPPED))
     assert_only_fresh(model, original, {DROPPED})
+    reliability.add("contents", "allowance_cases", 1)
 
 
-def test_a_new_prompt_head_can_be_started_fresh(checkpoint):
+def test_a_new_prompt_head_can_be_started_fresh(checkpoint, reliability):
     """The case the allowance is for: a checkpoint without a prompt head, loaded into a model that has one."""
     head = {k for k in load_file(checkpoint / WEIGHTS) if re.search(HEAD, k)}
     assert head
@@ -129,9 +134,10 @@ def test_a_new_prompt_head_can_be_started_fresh(checkpoint):
         VilaHDForConditionalGeneration.from_pretrained(checkpoint)
     model = VilaHDForConditionalGeneration.from_pretrained(checkpoint, allow_missing_keys=[HEAD])
     assert_only_fresh(model, original, head)
+    reliability.add("contents", "allowance_cases", 1)
 
 
-def test_allowed_unexpected_and_mis_shaped_tensors(checkpoint):
+def test_allowed_unexpected_and_mis_shaped_tensors(checkpoint, reliability):
     original = rewrite(checkpoint, lambda state: {**state, "mm_projector.extra.weight": torch.zeros(2)})
     model = VilaHDForConditionalGeneration.from_pretrained(checkpoint, allow_unexpected_keys=[r"\.extra\."])
     assert_only_fresh(model, original, set())
@@ -139,6 +145,7 @@ def test_allowed_unexpected_and_mis_shaped_tensors(checkpoint):
     model = VilaHDForConditionalGeneration.from_pretrained(checkpoint, ignore_mismatched_sizes=True)
     assert tuple(model.state_dict()[DROPPED].shape) == tuple(original[DROPPED].shape)
     assert_only_fresh(model, original, {DROPPED})
+    reliability.add("contents", "allowance_cases", 2)
 
 
 def test_the_intact_checkpoint_loads_bit_for_bit(checkpoint):
@@ -158,7 +165,7 @@ def test_training_init_and_the_engine_refuse_half_a_model(checkpoint):
             load()
 
 
-def test_chat_names_the_missing_tensor_in_one_line(checkpoint, tmp_path):
+def test_chat_names_the_missing_tensor_in_one_line(checkpoint, tmp_path, reliability):
     rewrite(checkpoint, without(DROPPED))
     env = {**fresh_job_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
@@ -169,6 +176,7 @@ def test_chat_names_the_missing_tensor_in_one_line(checkpoint, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if ERROR_LINE.match(line)]
     assert len(lines) == 1 and f"1 missing key ({DROPPED})" in lines[0], proc.stderr[-3000:]
     assert not proc.stdout.strip(), proc.stdout  # no answer printed
+    reliability.add("contents", "damaged_weight_cases", 1)
 
 
 # --- PS3 ----------------------------------------------------------------------------------------------------------
@@ -179,7 +187,7 @@ def ps3_dir(tiny, tmp_path) -> Path:
     return path
 
 
-def test_ps3_checkpoint_with_a_tensor_removed_none_or_one_extra(ps3_dir):
+def test_ps3_checkpoint_with_a_tensor_removed_none_or_one_extra(ps3_dir, reliability):
     from vila_hd.ps3 import PS3VisionModel
 
     key = "vision_model.prior_prompt"
@@ -195,6 +203,8 @@ def test_ps3_checkpoint_with_a_tensor_removed_none_or_one_extra(ps3_dir):
         PS3VisionModel.from_pretrained(ps3_dir)
     model = PS3VisionModel.from_pretrained(ps3_dir, allow_unexpected_keys=[r"\.extra$"])
     assert_only_fresh(model, original, set())
+    reliability.add("contents", "damaged_weight_cases", 3)
+    reliability.add("contents", "allowance_cases", 2)
 
 
 def test_a_full_ps3_checkpoint_fills_either_tower_by_design(tmp_path):
@@ -218,7 +228,7 @@ def vila_dir(tiny, tmp_path) -> Path:
     return tmp_path / "vila"
 
 
-def test_vila_llm_mis_shaped_or_missing_tensor_is_named_as_a_key_of_the_model(vila_dir, load_reports):
+def test_vila_llm_mis_shaped_or_missing_tensor_is_named_as_a_key_of_the_model(vila_dir, load_reports, reliability):
     key = "model.layers.0.mlp.up_proj.weight"
     llm = vila_dir / "llm"
     original = rewrite(llm, lambda state: {**state, key: torch.zeros(2, 2)})
@@ -231,6 +241,8 @@ def test_vila_llm_mis_shaped_or_missing_tensor_is_named_as_a_key_of_the_model(vi
         VilaHDForConditionalGeneration.from_pretrained(vila_dir)
     model = VilaHDForConditionalGeneration.from_pretrained(vila_dir, allow_missing_keys=[re.escape(key) + "$"])
     assert_only_fresh(model.language_model, original, {key})
+    reliability.add("contents", "damaged_weight_cases", 2)
+    reliability.add("contents", "allowance_cases", 1)
 
 
 # --- an unknown PS3 backbone (issue #13 section 6) -----------------------------------------------------------
@@ -239,7 +251,7 @@ SIZES = tuple(SO400M)
 RELEASED = ("vit_so400m_patch14_siglip_384", "vit_so400m_patch14_siglip_378")  # ../shared/docs/ps3-reference.md §1
 
 
-def test_an_unknown_backbone_without_its_sizes_is_refused_by_name():
+def test_an_unknown_backbone_without_its_sizes_is_refused_by_name(reliability):
     from vila_hd.errors import ConfigError
     from vila_hd.ps3 import PS3VisionConfig
 
@@ -251,6 +263,7 @@ def test_an_unknown_backbone_without_its_sizes_is_refused_by_name():
     assert f"set {', '.join(SIZES)} explicitly" in message
     with pytest.raises(ConfigError, match=r"set num_hidden_layers, intermediate_size explicitly"):  # only those
         PS3VisionConfig(model_name="vit_custom", hidden_size=32, num_attention_heads=4, patch_size=14)
+    reliability.add("contents", "backbone_refusals", 2)
 
 
 def test_an_unknown_backbone_with_explicit_sizes_builds_and_round_trips(tmp_path):
@@ -283,7 +296,7 @@ def test_the_released_backbone_names_still_resolve():
         assert vision.model_name in RELEASED and {k: getattr(vision, k) for k in SIZES} == SO400M, preset
 
 
-def test_loading_an_unknown_backbone_names_the_config_file(ps3_dir):
+def test_loading_an_unknown_backbone_names_the_config_file(ps3_dir, reliability):
     from vila_hd.errors import ConfigError
     from vila_hd.ps3 import PS3VisionModel
 
@@ -294,9 +307,10 @@ def test_loading_an_unknown_backbone_names_the_config_file(ps3_dir):
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(ps3_dir / 'config.json'))}: PS3 vision config: "
                                           r"model_name='vit_custom' is not a known backbone .* set num_hidden_layers"):
         PS3VisionModel.from_pretrained(ps3_dir)
+    reliability.add("contents", "backbone_refusals", 1)
 
 
-def test_convert_refuses_an_unknown_backbone_in_one_line(vila_dir, tmp_path):
+def test_convert_refuses_an_unknown_backbone_in_one_line(vila_dir, tmp_path, reliability):
     file = vila_dir / "vision_tower" / "config.json"
     config = json.loads(file.read_text())
     config["model_name"] = "vit_giant_patch16_custom"
@@ -315,6 +329,7 @@ def test_convert_refuses_an_unknown_backbone_in_one_line(vila_dir, tmp_path):
     assert lines[0].startswith(f"vila-hd: error: {file}: PS3 vision config: model_name='vit_giant_patch16_custom'")
     assert "set num_hidden_layers, num_attention_heads, intermediate_size explicitly" in lines[0]
     assert not out.exists() or not any(out.iterdir())
+    reliability.add("contents", "backbone_refusals", 1)
 
 
 # --- a known gap, left to the builder's owner ---------------------------------------------------------------------
