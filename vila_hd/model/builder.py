@@ -45,7 +45,7 @@ def build_vila_hd(
 
     from llava_compat.vila_checkpoint import _dtype_kwargs, read_vision_config
     from vila_hd.model.configuration import VilaHDConfig
-    from vila_hd.model.hub import resolve_model_dir
+    from vila_hd.model.hub import resolve_model_dir, strict_from_pretrained
     from vila_hd.model.modeling import VilaHDForConditionalGeneration, default_attn_implementation
     from vila_hd.processing import VilaHDProcessor
     from vila_hd.ps3 import PS3ImageProcessor, PS3VisionModel
@@ -59,10 +59,11 @@ def build_vila_hd(
     vision = PS3VisionModel.from_pretrained(ps3_dir, config=vision_config, use_safetensors=True, **_dtype_kwargs(dtype))
     llm = resolve_model_dir(llm, kind="model", **hub_kwargs)  # (refuses custom code before the Auto* calls)
     tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=False, **hub_kwargs)
-    language_model = AutoModelForCausalLM.from_pretrained(
+    language_model = strict_from_pretrained(  # a missing / unexpected tensor is an error naming it
+        AutoModelForCausalLM.from_pretrained,
         llm,
+        "LLM checkpoint",
         use_safetensors=True,
-        trust_remote_code=False,
         attn_implementation=default_attn_implementation(),
         **_dtype_kwargs(dtype),
         **hub_kwargs,
