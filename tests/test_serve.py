@@ -258,6 +258,24 @@ def test_local_images_under_the_media_root(exe, media):
         assert r.json()["usage"]["prompt_tokens_details"]["image_tokens"] > 0
 
 
+def test_a_request_for_another_model_is_404_model_not_found(exe, client, tiny_checkpoint):
+    from openai import NotFoundError
+
+    r = post(exe, {"model": "other", "messages": TEXT, "max_tokens": 1})
+    assert r.status_code == 404, r.text
+    assert r.json() == {"error": {"message": "the model 'other' does not exist; this server serves 'vila-hd' "
+                                             "(GET /v1/models)", "type": "invalid_request_error", "param": "model",
+                                  "code": "model_not_found"}}
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="other", messages=user("hi"), max_tokens=1)
+    listed = httpx.get(exe.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"]
+    # the listed id, --model as given and its folder's name are the served model; no "model" is too
+    for model in [listed, str(tiny_checkpoint), tiny_checkpoint.name, None]:
+        body = {"messages": TEXT, "max_tokens": 1} | ({} if model is None else {"model": model})
+        r = post(exe, body)
+        assert r.status_code == 200 and r.json()["model"] == "vila-hd", (model, r.text)
+
+
 def test_api_key(exe, client):
     from openai import AuthenticationError, OpenAI
 
@@ -425,8 +443,19 @@ def test_serve_refuses_a_busy_port_in_one_line(tiny_checkpoint, capsys):
     err = capsys.readouterr().err
     assert err.startswith("vila-hd: error: cannot listen on 127.0.0.1:") and "--port" in err
     assert len(err.strip().splitlines()) == 1 and "loading" not in err  # refused before the model loads
-    assert main(["serve", "--model", str(tiny_checkpoint), "--media-root", "/no/such/dir"]) == 1
-    assert "--media-root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["missing", "file"])
+def test_serve_refuses_a_media_root_that_is_not_a_directory_before_loading(tmp_path, what, capsys):
+    from vila_hd.cli import main
+
+    root = tmp_path / "nodir"
+    if what == "file":
+        root.write_text("x")
+    # the model does not exist either: the refusal comes before any loading
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--media-root", str(root), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"vila-hd: error: --media-root {str(root)!r} is not a directory\n"
 
 
 # --- batching, failures, disconnects, the queue (the app in this process) -------------------------------------

@@ -41,6 +41,7 @@ class ServeConfig:
     """The server's settings (``vila-hd serve`` flags of the same names)."""
 
     model_name: str = "vila-hd"
+    model_aliases: tuple[str, ...] = ()  # other ids a request's "model" may give (the CLI: --model as given)
     api_key: str | None = None
     max_batch_size: int = 8
     max_queue: int = 64
@@ -176,6 +177,7 @@ async def _read_json(request: Request, limit: int) -> Any:
 
 async def _chat(request: Request, entry: RequestLog, engine, batcher: Batcher, config: ServeConfig) -> Response:
     body = await _read_json(request, config.max_body_bytes)
+    _check_model(body, config)
     image_token = getattr(engine.processor, "image_token", "<image>")
     req = await run_in_threadpool(parse_request, body, engine.options, engine.limits, config.media, image_token)
     entry.stream, entry.n = req.stream, req.n
@@ -201,6 +203,14 @@ async def _chat(request: Request, entry: RequestLog, engine, batcher: Batcher, c
     entry.usage = reply["usage"]
     entry.write()
     return JSONResponse(reply)
+
+
+def _check_model(body: Any, config: ServeConfig) -> None:
+    """A request naming another model gets OpenAI's 404 ``model_not_found``; no ``model`` means the served one."""
+    model = body.get("model") if isinstance(body, dict) else None
+    if isinstance(model, str) and model not in (config.model_name, *config.model_aliases):
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r} "
+                       "(GET /v1/models)", "model", "model_not_found", type="invalid_request_error")
 
 
 def _conversations(engine, req: ChatRequest) -> list[Any]:

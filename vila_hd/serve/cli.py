@@ -79,8 +79,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         return 1
     config = ServeConfig(
         model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)) or args.model,
-        api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        batch_wait_s=args.batch_wait_ms / 1000,
+        model_aliases=model_aliases(args.model), api_key=api_key, max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue, batch_wait_s=args.batch_wait_ms / 1000,
         media=MediaPolicy(args.media_root, args.allow_remote_images, args.max_image_bytes),
     )
     host, port = sock.getsockname()[:2]
@@ -92,6 +92,11 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="warning", log_config=None))
     server.run(sockets=[sock])
     return 0
+
+
+def model_aliases(model: str) -> tuple[str, ...]:
+    """The ids a request may name besides the served one: ``--model`` as given and its folder's name."""
+    return tuple(a for a in dict.fromkeys([model, os.path.basename(os.path.normpath(model))]) if a)
 
 
 def read_api_key(args: argparse.Namespace) -> str | None:
