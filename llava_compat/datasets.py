@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llava_compat.conversation import IMAGE_TOKEN, flatten_messages, llava_to_messages
+from vila_hd.errors import FileFormatError, describe
 
 FORMATS = ("llava", "messages")
 
@@ -234,8 +235,7 @@ class MessagesSource:
         if os.path.isdir(path):
             ds = datasets.load_from_disk(path)
         elif os.path.exists(path):
-            kind = "parquet" if path.endswith(".parquet") else "json"
-            ds = datasets.load_dataset(kind, data_files=path, split="train")
+            ds = _load_data_file(entry.name, path)
         else:
             raise FileNotFoundError(f"dataset {entry.name!r}: {path} does not exist")
         if isinstance(ds, datasets.DatasetDict):
@@ -254,6 +254,39 @@ class MessagesSource:
 
     def __getitem__(self, index: int) -> RawSample:
         return messages_record_to_sample(self.record(index), index, self.entry.media, self.entry.allow_outside_media)
+
+
+# The data files ``datasets`` reads, by extension (a saved dataset is a directory).
+DATA_FILE_KINDS = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+EXPECTED_DATA = "a LLaVA .json / .jsonl file, a .parquet file or a saved dataset directory"
+# datasets' readers log the parse error ("Failed to read schema ...", "Failed to load JSON ...") before they raise:
+# our error line says it already.
+_READER_LOGGER = "datasets.packaged_modules.{kind}.{kind}"
+
+
+def _load_data_file(name: str, path: str):
+    """One data file through ``datasets.load_dataset`` by its extension; an unknown extension, or a file the
+    library cannot parse, is a :class:`~vila_hd.errors.FileFormatError` naming the file and the formats."""
+    import logging
+
+    import datasets
+
+    ext = os.path.splitext(path)[1].lower()
+    kind = DATA_FILE_KINDS.get(ext)
+    if kind is None:
+        raise FileFormatError(f"dataset {name!r}: {path} is not a training data file (extension "
+                              f"{ext or 'none'!r}); expected {EXPECTED_DATA}")
+    logger = logging.getLogger(_READER_LOGGER.format(kind=kind))
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        return datasets.load_dataset(kind, data_files=path, split="train")
+    except (datasets.exceptions.DatasetsError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetsError) and err.__cause__ else err
+        raise FileFormatError(f"dataset {name!r}: {path} cannot be read as {kind} ({describe(cause)}); expected "
+                              f"{EXPECTED_DATA}") from err
+    finally:
+        logger.setLevel(level)
 
 
 def open_source(entry: DatasetEntry):

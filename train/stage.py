@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from llava_compat import datasets as ds
 from train.config import PARTS, StageConfig, part_of, read_deepspeed_config
+from train.data.sampler import check_enough_samples
 
 # --- model ------------------------------------------------------------------------------------------
 
@@ -201,14 +202,15 @@ class StageData:
         return iter(loader)
 
 
-def build_data(config: StageConfig, processor, world: int, rank: int, grad_accum: int) -> StageData:
+def build_data(config: StageConfig, processor, world: int, rank: int, grad_accum: int,
+               mixture: ds.Mixture | None = None) -> StageData:
     from train.data.collate import Collator
     from train.data.dataset import SampleEncoder, TrainingDataset
     from train.data.sampler import StepSampler
     from vila_hd.model.token_layout import image_token_layout
 
     encoder = SampleEncoder(processor, config.data.max_length, config.look_close.kwargs(), uint8_pixels=True)
-    dataset = TrainingDataset(open_mixture(config), encoder)
+    dataset = TrainingDataset(mixture if mixture is not None else open_mixture(config), encoder)
     size = tuple(processor.image_processor.image_size)
     pad = processor.tokenizer.pad_token_id
     if pad is None:
@@ -294,6 +296,11 @@ def run_stage(config: StageConfig, resume: bool = True, until: int | None = None
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(config.seed)
+    # The data first: a file that does not open, or too few samples for one global batch, fails in seconds,
+    # before the model is built.
+    accum = grad_accumulation(config, world)
+    mixture = open_mixture(config)
+    check_enough_samples(len(mixture), config.batch.micro_batch_size, world, accum)
     model, processor = load_init(config)
     rates = config.learning_rates
     if not rates:
@@ -316,8 +323,7 @@ def run_stage(config: StageConfig, resume: bool = True, until: int | None = None
                                   normalize=processor.image_processor.normalize)
     step_module.train()
 
-    accum = grad_accumulation(config, world)
-    data = build_data(config, processor, world, rank, accum)
+    data = build_data(config, processor, world, rank, accum, mixture)
     ds_template = read_deepspeed_config(config.deepspeed)
     if rank == 0:
         os.makedirs(config.output_dir, exist_ok=True)

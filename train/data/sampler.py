@@ -13,6 +13,17 @@ from collections.abc import Iterator
 
 import torch
 
+from vila_hd.errors import ConfigError
+
+
+def check_enough_samples(num_samples: int, micro_batch_size: int, world_size: int, grad_accum: int) -> None:
+    """Refuse data that does not fill one global batch (micro x world x accumulation samples)."""
+    global_batch = micro_batch_size * world_size * grad_accum
+    if num_samples < global_batch:
+        raise ConfigError(f"the data holds {num_samples} samples, fewer than one global batch of {global_batch} "
+                          f"(micro {micro_batch_size} x world {world_size} x accumulation {grad_accum}); lower "
+                          "batch.global_batch_size (finetune-lora: --global-batch-size) or add data")
+
 
 class StepSampler:
     def __init__(self, num_samples: int, micro_batch_size: int, grad_accum: int, world_size: int, rank: int,
@@ -24,10 +35,7 @@ class StepSampler:
         self.rank = int(rank)
         self.seed = int(seed)
         self.global_batch = self.micro * self.world * self.grad_accum
-        if self.num_samples < self.global_batch:
-            raise ValueError(f"the data holds {self.num_samples} samples, fewer than one global batch of "
-                             f"{self.global_batch} (micro {self.micro} x world {self.world} x accumulation "
-                             f"{self.grad_accum}); lower batch.global_batch_size or add data")
+        check_enough_samples(self.num_samples, self.micro, self.world, self.grad_accum)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -1,0 +1,91 @@
+"""A new user's paths through the training commands (train, finetune-lora, merge-lora, data check): every
+mistake is one error line naming the culprit, before anything slow runs; the commands say where their result is.
+
+Most cases run in-process; a few through the installed ``vila-hd`` executable, as a user runs it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli_errors import one_error_line, run_main
+from train_helpers import fresh_job_env, make_dataset
+
+EXE = os.path.join(os.path.dirname(sys.executable), "vila-hd")
+EXPECTED = "expected a LLaVA .json / .jsonl file, a .parquet file or a saved dataset directory"
+
+
+def vila_hd(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in fresh_job_env().items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([EXE, *map(str, args)], cwd=cwd, env=env, capture_output=True, encoding="utf-8",
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return make_dataset(str(tmp_path_factory.mktemp("data")), n=8)
+
+
+@pytest.fixture()
+def png(tmp_path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "img.png"
+    Image.new("RGB", (8, 8)).save(path)
+    return path
+
+
+# --- data files of an unknown kind, or that do not parse (findings 1, 2, 17) ---------------------------------
+def test_data_check_names_a_file_of_an_unknown_kind(capsys, png):
+    code, err = run_main(capsys, "data", "check", png)
+    assert code == 2
+    one_error_line(err, str(png), "'.png'", EXPECTED)
+
+
+def test_data_check_names_a_corrupt_parquet_file_without_the_schema_log(capsys, caplog, tmp_path):
+    bad = tmp_path / "g.parquet"
+    bad.write_bytes(b"PA")
+    with caplog.at_level(logging.INFO):
+        code, err = run_main(capsys, "data", "check", bad)
+    assert code == 2
+    one_error_line(err, str(bad), "cannot be read as parquet", "Parquet file size is 2 bytes", EXPECTED)
+    assert not [r for r in caplog.records if "Failed to read schema" in r.getMessage()]
+    assert logging.getLogger("datasets.packaged_modules.parquet.parquet").level == logging.NOTSET  # restored
+
+
+def test_a_messages_file_that_does_not_parse_is_named(capsys, tmp_path):
+    bad = tmp_path / "m.jsonl"
+    bad.write_text("{not json\n")
+    code, err = run_main(capsys, "data", "check", bad, "--format", "messages")
+    assert code == 2
+    one_error_line(err, str(bad), "cannot be read as json")
+
+
+def test_finetune_lora_refuses_a_png_as_data_in_one_line(tmp_path, png, tiny_checkpoint):
+    run = vila_hd("finetune-lora", "--model", tiny_checkpoint, "--data", png, "--output-dir", tmp_path / "out",
+                  cwd=tmp_path)
+    assert run.returncode == 1
+    assert "[rank0]" not in run.stderr
+    one_error_line(run.stderr, str(png), EXPECTED)
+
+
+# --- the data is counted before the model is built (finding 27) ---------------------------------------------
+def test_too_few_samples_for_a_global_batch_fail_before_the_model_is_built(capsys, monkeypatch, data, tmp_path,
+                                                                         tiny_checkpoint):
+    import train.stage
+
+    def no_model(config):
+        raise AssertionError("the model was built before the data was counted")
+
+    monkeypatch.setattr(train.stage, "load_init", no_model)
+    code, err = run_main(capsys, "finetune-lora", "--model", tiny_checkpoint, "--data", data, "--output-dir",
+                         tmp_path / "out", "--global-batch-size", "16")
+    assert code == 1
+    one_error_line(err, "the data holds 8 samples, fewer than one global batch of 16", "--global-batch-size")
+    assert not (tmp_path / "out").exists()
+
