@@ -18,7 +18,7 @@ from serving_helpers import rgb
 
 from vila_hd import cli
 from vila_hd.chat import ChatSession, read_message
-from vila_hd.engine import Engine, GenerationOptions
+from vila_hd.engine import Engine, GenerationOptions, ServingLimits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"preprocess_s", "prefix_s", "encode_s", "prefill_s", "decode_s", "total_s", "tokens_per_s"}
@@ -301,6 +301,33 @@ def test_bad_start_image_exits_1(files, monkeypatch, capsys):
         ["chat", "--model", str(files / "ckpt"), "--image", str(files / "broken.png"), "--prompt", "hi"],
     )
     assert code == 1 and "broken.png: unrecognised image format" in err
+
+
+@pytest.mark.parametrize(
+    "limit, message",
+    [
+        (["--max-new-tokens", "99", "--limit-new-tokens", "5"], "the requested max_new_tokens is 99, above the serving "
+                                                                "limit max_new_tokens=5"),
+        (["--limit-prompt-tokens", "5"], "above the serving limit max_prompt_tokens=5"),
+    ],
+)
+def test_prompt_mode_limit_errors_are_the_commands_error_line(files, monkeypatch, capsys, limit, message):
+    code, out, err = run_cli(monkeypatch, capsys, ["chat", "--model", str(files / "ckpt"), "--prompt", "hi", *limit])
+    assert code == 1 and out == ""
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("vila-hd chat: error: ") and message in errors[0], err
+
+
+def test_pixel_limit_names_the_flag(files, session, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, ["chat", "--model", str(files / "ckpt"), "--prompt", "hi",
+                                                 "--image", str(files / "car.png"), "--limit-image-pixels", "100"])
+    expected = (f"{files / 'car.png'} has 320 x 240 = 76800 pixels, above the limit --limit-image-pixels 100; "
+                "raise --limit-image-pixels if you trust this file")
+    assert code == 1 and f"vila-hd chat: error: {expected}" in err.splitlines()
+    engine = Engine(session.engine.model, session.engine.processor, limits=ServingLimits(max_image_pixels=100))
+    limited = ChatSession(engine, out=io.StringIO(), err=io.StringIO())
+    limited.handle(f"/image {files / 'car.png'}")  # in the session: its own error line, the same text
+    assert limited.err.getvalue().splitlines() == [f"error: {expected}"]
 
 
 @pytest.mark.parametrize(

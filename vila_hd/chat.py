@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from vila_hd.engine import Engine, GenerationOptions, GenerationResult, LimitExceeded
-from vila_hd.images import ImageLoadError
+from vila_hd.images import ImageLoadError, PixelLimitError
 
 COMMAND = "chat"
 HELP = "interactive chat (streamed answers, images, selection maps), or one answer with --prompt"
@@ -58,8 +58,12 @@ class ChatSession:
         system: str | None = None,
         out: TextIO | None = None,
         err: TextIO | None = None,
+        error_prefix: str = "error",
     ):
+        """``error_prefix`` starts each error line: ``error`` in the interactive session, the command's
+        ``vila-hd chat: error`` for one answer (``--prompt``)."""
         self.engine = engine
+        self.error_prefix = error_prefix
         self.options = options or engine.options
         self.conversation = engine.conversation(system)
         self.last: GenerationResult | None = None
@@ -72,7 +76,7 @@ class ChatSession:
         print(text, file=self.out, flush=True)
 
     def warn(self, text: str) -> None:
-        print(f"error: {text}", file=self.err, flush=True)
+        print(f"{self.error_prefix}: {text}", file=self.err, flush=True)
 
     # --- turns ------------------------------------------------------------------------------------------
     def add_images(self, paths: list[str]) -> bool:
@@ -83,7 +87,7 @@ class ChatSession:
                 self.engine.limits.check_images(held + 1, "this conversation")
                 image = self.conversation.add_image(path, self.engine.max_image_pixels)
             except (ImageLoadError, LimitExceeded) as error:
-                self.warn(str(error))
+                self.warn(image_error(error))
                 ok = False
                 continue
             self.say(f"added image {path} ({image.width}x{image.height}); it goes with your next message")
@@ -255,6 +259,11 @@ class ChatSession:
         )
 
 
+def image_error(error: Exception) -> str:
+    """The message of an image that cannot be added; a pixel-limit refusal names the command's flag."""
+    return error.naming("--limit-image-pixels") if isinstance(error, PixelLimitError) else str(error)
+
+
 def _wait(generation) -> GenerationResult:
     while True:  # a second Ctrl-C while the answer winds down must not leave the model running
         try:
@@ -351,12 +360,12 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args, prog)
     if engine is None:
         return 1
-    session = ChatSession(engine, system=args.system)
+    session = ChatSession(engine, system=args.system, error_prefix="error" if args.prompt is None else f"{prog}: error")
     for path in args.image:
         try:
             session.conversation.add_image(path, engine.max_image_pixels)
         except ImageLoadError as error:
-            print(f"{prog}: error: {error}", file=sys.stderr)
+            print(f"{prog}: error: {image_error(error)}", file=sys.stderr)
             return 1
     if args.prompt is not None:
         return answer_once(session, sys.stdin.read() if args.prompt == "-" else args.prompt, args)

@@ -48,7 +48,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from vila_hd.errors import VilaHDError
 
-__all__ = ["ACCEPTED_FORMATS", "DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image"]
+__all__ = ["ACCEPTED_FORMATS", "DEFAULT_MAX_PIXELS", "ImageLoadError", "PixelLimitError", "load_image"]
 
 # Pillow's own hard limit (2 * Image.MAX_IMAGE_PIXELS): about 4K x 4K x 11, far above any training resolution.
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -66,6 +66,23 @@ _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 class ImageLoadError(VilaHDError):
     """An image could not be loaded; the message names the image and the reason."""
+
+
+class PixelLimitError(ImageLoadError):
+    """An image with more pixels than the loader's ``max_pixels`` (found before decoding). The message names
+    the option generically; :meth:`naming` words it for the option a caller exposes (a command-line flag)."""
+
+    def __init__(self, name: str, size: tuple[int, int] | None, max_pixels: int | None):
+        self.name, self.size, self.max_pixels = name, size, max_pixels
+        super().__init__(self.naming("max_pixels"))
+
+    def __reduce__(self):  # picklable (data-loader workers send errors to the main process)
+        return type(self), (self.name, self.size, self.max_pixels)
+
+    def naming(self, option: str) -> str:
+        what = f"{self.size[0]} x {self.size[1]} = {self.size[0] * self.size[1]} pixels" if self.size else "more pixels"
+        limit = f"max_pixels={self.max_pixels}" if option == "max_pixels" else f"{option} {self.max_pixels}"
+        return f"{self.name} has {what}, above the limit {limit}; raise {option} if you trust this file"
 
 
 def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -235,15 +252,10 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int | None) -> Non
     if width <= 0 or height <= 0:
         raise ImageLoadError(f"{name}: empty image ({width} x {height})")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageLoadError(_bomb_message(name, (width, height), max_pixels))
+        raise PixelLimitError(name, (width, height), max_pixels)
 
 
-def _bomb_message(name: str, size: tuple[int, int] | None, max_pixels: int | None) -> str:
-    what = f"{size[0]} x {size[1]} = {size[0] * size[1]} pixels" if size else "more pixels"
-    return f"{name} has {what}, above the limit max_pixels={max_pixels}; raise max_pixels if you trust this file"
-
-
-def _pil_bomb_error(e: BaseException, name: str, max_pixels: int | None) -> ImageLoadError:
+def _pil_bomb_error(e: BaseException, name: str, max_pixels: int | None) -> PixelLimitError:
     """Pillow refused a frame or header itself (it checks with our limit while a load runs)."""
     # Pillow's message has only the pixel count; its check function holds the size. Best effort, for the message.
     tb = e.__traceback__
@@ -252,7 +264,7 @@ def _pil_bomb_error(e: BaseException, name: str, max_pixels: int | None) -> Imag
     size = tb.tb_frame.f_locals.get("size") if tb is not None else None
     if not (isinstance(size, tuple) and len(size) == 2 and all(isinstance(v, int) for v in size)):
         size = None
-    return ImageLoadError(_bomb_message(name, size, max_pixels))
+    return PixelLimitError(name, size, max_pixels)
 
 
 def _describe(e: BaseException) -> str:
