@@ -205,3 +205,26 @@ def test_image_root_and_look_close_settings(checkpoint, data, capsys):
     stats = read_jsonl(data / "a.jsonl")[0]["stats"]
     assert stats["tokens_per_image"] == 48 and stats["look_close_mode"] == "bottom-up"
     assert stats["selected_pct"] == 10.0
+
+
+IMAGE_FIELDS = ["images", "image_tokens", "tokens_per_image", "low_res_tokens_per_image", "high_res_tokens_per_image",
+                "selected_patches", "total_patches", "selected_pct"]
+
+
+def test_batched_stats_are_each_items_own(engine, data):
+    """A text-only item batched with an image item has no image stats; the image item's equal --batch-size 1's;
+    the times are the batch's, labelled by batch_size."""
+    write_jsonl(data / "mix.jsonl", [{"id": "img", "image": "images/car.png", "question": "What color?"},
+                                     {"id": "txt", "question": "Hi"}])
+    stats = {}
+    for size in (2, 1):
+        infer(engine, data / "mix.jsonl", data / f"mix{size}.jsonl", batch_size=size, progress=False)
+        stats[size] = {r["id"]: r["stats"] for r in read_jsonl(data / f"mix{size}.jsonl")}
+    batched, alone = stats[2], stats[1]
+    assert batched["img"]["selected_patches"] > 0 and batched["img"]["total_patches"] > 0
+    assert {k: batched["img"][k] for k in IMAGE_FIELDS} == {k: alone["img"][k] for k in IMAGE_FIELDS}
+    assert {k: batched["txt"][k] for k in IMAGE_FIELDS} == dict.fromkeys(IMAGE_FIELDS, 0)
+    assert {k: alone["txt"][k] for k in IMAGE_FIELDS} == dict.fromkeys(IMAGE_FIELDS, 0)
+    assert [batched[k]["batch_size"] for k in ("img", "txt")] == [2, 2]
+    assert [alone[k]["batch_size"] for k in ("img", "txt")] == [1, 1]
+    assert batched["img"]["total_s"] == batched["txt"]["total_s"]  # one generate call, one wall time

@@ -255,7 +255,11 @@ class Conversation:
 # --- results ------------------------------------------------------------------------------------------
 @dataclass
 class GenerationStats:
-    """What an answer cost. Token counts per image exclude the image-end text (``"\\n"``)."""
+    """What an answer cost. Token counts per image exclude the image-end text (``"\\n"``).
+
+    Counts and image fields are the answer's own (a text-only answer has 0 of each). The times (``*_s``) are
+    those of the generate call that produced it, shared by the ``batch_size`` answers of its batch; so is the
+    decoding time behind ``tokens_per_s`` (this answer's tokens over the batch's decoding seconds)."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -304,6 +308,7 @@ class GenerationStats:
             if self.num_token_look_close is None
             else f"tokens {self.num_token_look_close}"
         )
+        times = "times" if self.batch_size == 1 else f"times (batch of {self.batch_size})"
         lines = []
         if self.images:
             lines += [
@@ -317,11 +322,15 @@ class GenerationStats:
         lines += [
             f"tokens         {self.prompt_tokens} prompt, {self.new_tokens} generated"
             + (" (stopped)" if self.stopped else ""),
-            f"times          preprocess {self.preprocess_s:.3f} s | prefix {self.prefix_s:.3f} s | encode "
+            f"{times:<14} preprocess {self.preprocess_s:.3f} s | prefix {self.prefix_s:.3f} s | encode "
             f"{self.encode_s:.3f} s | prefill {self.prefill_s:.3f} s | decode {self.decode_s:.3f} s",
             f"speed          {self.tokens_per_s:.1f} tokens/s (decode), total {self.total_s:.3f} s",
         ]
         return "\n".join(lines)
+
+
+NO_IMAGE = dict(tokens_per_image=0, low_res_tokens_per_image=0, high_res_tokens_per_image=0, selected_patches=0,
+                total_patches=0)
 
 
 @dataclass
@@ -923,6 +932,7 @@ class Engine:
                 new_tokens=min(len(row) + 1, generated),  # the end-of-turn token counts
                 images=len(row_images),
                 image_tokens=len(row_images) * stats.tokens_per_image,
+                **({} if row_images else NO_IMAGE),  # a text-only row has no image stats, whatever its batch-mates
             )
             text = self.processor.tokenizer.decode(row, skip_special_tokens=True)
             maps = probs = None
