@@ -89,3 +89,55 @@ def test_too_few_samples_for_a_global_batch_fail_before_the_model_is_built(capsy
     one_error_line(err, "the data holds 8 samples, fewer than one global batch of 16", "--global-batch-size")
     assert not (tmp_path / "out").exists()
 
+
+
+# --- merge-lora's output folder (findings 8, 21) ---------------------------------------------------------------
+@pytest.fixture()
+def adapter(tmp_path, tiny_checkpoint) -> tuple[Path, Path]:
+    """``(adapter, base)``: an untrained LoRA adapter on a copy of the tiny checkpoint."""
+    import shutil
+
+    from train.config import LoraConfig
+    from train.lora import apply_lora, load_base_model, save_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    model, processor = load_base_model(str(base))
+    peft_model = apply_lora(model, LoraConfig(r=2, alpha=4), ["llm", "projector"])
+    save_adapter(peft_model, str(tmp_path / "adapter"), processor, str(base))
+    return tmp_path / "adapter", base
+
+
+def test_merge_lora_never_writes_into_its_base(capsys, adapter, tmp_path):
+    adapter_dir, base = adapter
+    weights = (base / "model.safetensors").read_bytes()
+    (tmp_path / "link").symlink_to(base)
+    for out in (base, tmp_path / "link"):
+        for force in ([], ["--force"]):
+            code, err = run_main(capsys, "merge-lora", "--adapter", adapter_dir, "--out", out, *force)
+            assert code == 1
+            one_error_line(err, f"--out {out} is the adapter's base checkpoint", "choose another --out")
+    assert (base / "model.safetensors").read_bytes() == weights
+    code, err = run_main(capsys, "merge-lora", "--adapter", adapter_dir, "--out", adapter_dir, "--force")
+    assert code == 1
+    one_error_line(err, "is the adapter directory itself")
+
+
+def test_merge_lora_refuses_a_non_empty_out_unless_forced(capsys, adapter, tmp_path):
+    adapter_dir, _ = adapter
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, err = run_main(capsys, "merge-lora", "--adapter", adapter_dir, "--out", out)
+    assert code == 1
+    one_error_line(err, f"{out} exists and is not empty (use --force to write into it)")
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    assert run_main(capsys, "merge-lora", "--adapter", adapter_dir, "--out", out, "--force")[0] == 0
+    assert (out / "model.safetensors").is_file()
+
+
+def test_merge_lora_says_a_missing_adapter_does_not_exist(capsys, tmp_path):
+    code, err = run_main(capsys, "merge-lora", "--adapter", tmp_path / "nonexistent", "--out", tmp_path / "m")
+    assert code == 1
+    one_error_line(err, f"adapter {tmp_path / 'nonexistent'} does not exist")
+    assert not (tmp_path / "m").exists()

@@ -108,6 +108,8 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory of the merged checkpoint")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="dtype of the written weights (default: the base checkpoint's)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out (never into the "
+                        "adapter's base checkpoint)")
     args = parser.parse_args(argv)
     import torch
 
@@ -115,7 +117,7 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     with naming_model(args.adapter):
-        out = merge_adapter(args.adapter, args.out, dtype=dtype)
+        out = merge_adapter(args.adapter, args.out, dtype=dtype, force=args.force)
     print(f"merged {args.adapter} into {out}")
     return 0
 

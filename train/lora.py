@@ -110,22 +110,32 @@ def load_base_model(path: str, dtype: torch.dtype | None = None):
     return model, processor
 
 
+def adapter_base(adapter_dir: str) -> str | None:
+    """The base checkpoint an adapter directory names (``base_model_name_or_path``; not checked to exist)."""
+    import json
+
+    from vila_hd.errors import naming_file
+
+    if not os.path.exists(adapter_dir):
+        raise FileNotFoundError(f"adapter {adapter_dir} does not exist")
+    config_file = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{adapter_dir} is not an adapter directory (no {ADAPTER_CONFIG})")
+    with naming_file(config_file), open(config_file) as f:
+        config = json.load(f)
+    return config.get("base_model_name_or_path") if isinstance(config, dict) else None
+
+
 def load_adapter_model(adapter_dir: str, dtype: torch.dtype | None = None, merge: bool = False):
     """``(model, processor)`` for an adapter directory: its base (``base_model_name_or_path``) with the
     adapter applied (merged into the weights when ``merge``); the processor saved with the adapter wins."""
-    import json
-
     from peft import PeftModel
 
     from vila_hd.model.hub import refuse_unsafe_adapter
     from vila_hd.processing import PROCESSOR_CONFIG, VilaHDProcessor
 
-    config_file = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{adapter_dir} is not an adapter directory (no {ADAPTER_CONFIG})")
+    base = adapter_base(adapter_dir)
     refuse_unsafe_adapter(adapter_dir)  # before the base is loaded, and before peft would unpickle a .bin
-    with open(config_file) as f:
-        base = json.load(f).get("base_model_name_or_path")
     if not base or not os.path.exists(base):
         raise FileNotFoundError(f"the base model of adapter {adapter_dir} ({base!r}, base_model_name_or_path in "
                                 f"{ADAPTER_CONFIG}) does not exist")
@@ -138,13 +148,32 @@ def load_adapter_model(adapter_dir: str, dtype: torch.dtype | None = None, merge
     return model, processor
 
 
-def merge_adapter(adapter_dir: str, out_dir: str, dtype: torch.dtype | None = None) -> str:
-    """Fold an adapter into its base and write a plain VILA-HD checkpoint (safetensors + processor)."""
+def merge_adapter(adapter_dir: str, out_dir: str, dtype: torch.dtype | None = None, force: bool = False) -> str:
+    """Fold an adapter into its base and write a plain VILA-HD checkpoint (safetensors + processor).
+
+    ``out_dir`` may never be the adapter's base checkpoint or the adapter itself (resolved real paths), and
+    must be empty or absent unless ``force``; both are checked before anything is loaded."""
+    check_merge_output(adapter_dir, out_dir, force)
     model, processor = load_adapter_model(adapter_dir, dtype=dtype, merge=True)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def check_merge_output(adapter_dir: str, out_dir: str, force: bool = False) -> None:
+    """Refuse an output folder that would overwrite the base, the adapter or (without ``force``) other files."""
+    from vila_hd.errors import VilaHDError
+
+    base = adapter_base(adapter_dir)
+    real_out = os.path.realpath(out_dir)
+    if base and real_out == os.path.realpath(base):
+        raise VilaHDError(f"--out {out_dir} is the adapter's base checkpoint ({base}, base_model_name_or_path in "
+                          f"{ADAPTER_CONFIG}); merging would overwrite it: choose another --out")
+    if real_out == os.path.realpath(adapter_dir):
+        raise VilaHDError(f"--out {out_dir} is the adapter directory itself; choose another --out")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise FileExistsError(f"{out_dir} exists and is not empty (use --force to write into it)")
 
 
 def four_bit_config(dtype: torch.dtype):
