@@ -27,10 +27,21 @@ GENERATION_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "tempera
                      "top_k": "top_k", "steps": "steps", "tokens": "tokens", "mode": "mode"}
 
 
+EVAL_DESCRIPTION = """Score a model (--model) or saved replies (--replies) on a benchmark.
+
+examples:
+  vila-hd eval --benchmark vstar --data vstar_bench/ --model DIR_OR_HUB_ID --output outputs/eval/vstar
+  vila-hd eval --benchmark hrbench --data hr_bench_4k.tsv --model M --output out/hr4k --sweep steps=1,2,4,6
+  vila-hd eval --benchmark textvqa --data TextVQA_0.5.1_val.json --replies answers.jsonl --output out/tvqa
+
+Run the same command again to resume an interrupted run."""
+
+
 def build_eval_parser() -> argparse.ArgumentParser:
     from vila_hd.cli import add_generation_arguments, add_limit_arguments
 
-    parser = argparse.ArgumentParser(prog="vila-hd eval", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="vila-hd eval", description=EVAL_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Formats, scoring rules and outputs: docs/evaluation.md.")
     data = parser.add_argument_group("benchmark")
     data.add_argument("--benchmark", required=True, metavar="NAME",
@@ -87,8 +98,13 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_eval_parser()
     args = parser.parse_args(argv)
-    if (args.model is None) == (args.replies is None):
+    if args.model is None and args.replies is None:
+        parser.error("give --model (run a model) or --replies (score saved replies)")
+    if args.model is not None and args.replies is not None:
         parser.error("give --model (run a model) or --replies (score saved replies), not both")
+    if args.replies is not None and not os.path.isfile(args.replies):
+        what = "is a directory, not a file" if os.path.isdir(args.replies) else "does not exist"
+        parser.error(f"--replies: {args.replies} {what}")  # exit code 2, as a missing --data file
     if args.replies and (args.sweep or args.mc_mode == "likelihood"):
         parser.error("--sweep and --mc-mode likelihood need a model (--model)")
     try:

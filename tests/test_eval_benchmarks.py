@@ -220,6 +220,9 @@ def test_hrbench_errors_name_row_and_column(tmp_path):
     path.write_text("index\tquestion\tA\tB\tanswer\n17\tQ?\tx\ty\tA\n")
     with pytest.raises(FormatError, match=r"missing field\(s\) \['image'\]"):
         build_benchmark("hrbench", str(path)).samples()
+    path.write_text("question\tA\tB\tanswer\nQ?\tx\ty\tA\n")  # no index: the row is named by its line only
+    with pytest.raises(FormatError, match=r"hr_bench_8k.tsv line 2: missing field\(s\) \['index', 'image'\]"):
+        build_benchmark("hrbench", str(path)).samples()
 
 
 # --- MME-RealWorld ---------------------------------------------------------------------------------------

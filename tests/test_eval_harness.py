@@ -280,6 +280,16 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eval_main(base)  # neither --model nor --replies
     assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "give --model (run a model) or --replies (score saved replies)\n" in err and "not both" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(base + ["--model", "m", "--replies", data])
+    assert exit_info.value.code == 2 and "not both" in capsys.readouterr().err
+    for replies, what in ((tmp_path / "nope.jsonl", "does not exist"), (tmp_path, "is a directory, not a file")):
+        with pytest.raises(SystemExit) as exit_info:  # the same exit code as a missing --data file
+            eval_main(base + ["--replies", str(replies)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"vila-hd eval: error: --replies: {replies} {what}\n" in err, err
     with pytest.raises(SystemExit):
         eval_main(base + ["--replies", data, "--set", "nokey"])
     with pytest.raises(SystemExit):

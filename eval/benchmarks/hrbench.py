@@ -55,7 +55,8 @@ class HRBench(Benchmark):
         cache: dict[str, bytes] = {}  # identical base64 cells decode to one shared bytes object
         samples = []
         for row in rows:
-            where = f"{self.path} line {row.get('_line', '?')} (index {row.get('index')})"
+            index = f" (index {row['index']})" if _present(row.get("index")) else ""
+            where = f"{self.path} line {row.get('_line', '?')}{index}"
             require(row, ["index", "question", "answer", "image"], where)
             options = {c: str(row[c]) for c in string.ascii_uppercase if _present(row.get(c))}
             if len(options) < 2:
