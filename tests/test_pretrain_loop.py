@@ -120,6 +120,7 @@ def test_tiny_run_learns_resumes_exactly_and_exports(tmp_path):
     assert sorted(records) == [1, 2, 3, 4]
     for key in ("loss/siglip", "loss/bce_bottomup", "loss/bce_topdown", "loss/topdown_box_recall", "samples_per_s"):
         assert key in records[4], key
+    assert records[4]["samples_per_s"] > 0 and "tokens_per_s" not in records[4]  # no tokens to count (was 0.0)
     assert records[4]["loss"] < records[1]["loss"]
 
     # Preempted after step 2, then resumed: steps 3-4 repeat the uninterrupted run exactly.
@@ -202,3 +203,41 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
     # tensor-by-tensor comparison would trip on Adam's sign-like steps for near-zero gradients).
     exported = [init_from_ps3(os.path.join(out, "final")).state_dict() for out in (two, one)]
     assert set(exported[0]) == set(exported[1])
+
+
+class _Sums(torch.nn.Module):
+    """A one-weight model whose forward returns the loss sums the trainer expects."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, batch):
+        return {"lm": (self.w * batch["x"]).pow(2).sum()}
+
+
+class _Data:
+    steps_per_epoch = 2
+
+    def __init__(self, tokens: bool):
+        self.tokens = tokens
+
+    def micro_batches(self, start_step: int, total_steps: int):
+        for _ in range(start_step, total_steps):
+            batch = {"x": torch.ones(2), "num_items": {"lm": 2}, "num_samples": 2}
+            yield batch | ({"num_tokens": 10} if self.tokens else {})
+
+
+@pytest.mark.parametrize("tokens", [True, False])
+def test_tokens_per_s_is_logged_only_for_data_that_counts_tokens(tmp_path, tokens):
+    from train.pretrain.loop import _deepspeed_template
+    from train.trainer import Trainer, TrainerSettings
+
+    module = _Sums()
+    settings = TrainerSettings(output_dir=str(tmp_path), deepspeed_config=_deepspeed_template("zero2"),
+                               total_steps=2, precision="fp32", checkpoint_every=100, tensorboard=False,
+                               progress_bar=False)
+    Trainer(module, [{"params": list(module.parameters()), "lr": 0.1, "name": "w"}], _Data(tokens), settings).train()
+    record = logged(tmp_path)[2]
+    assert record["samples_per_s"] > 0
+    assert (record["tokens_per_s"] > 0) if tokens else ("tokens_per_s" not in record)

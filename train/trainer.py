@@ -6,7 +6,8 @@ What the trainer needs (PS3 pre-training reuses it as VILA-HD stages do):
 - ``param_groups``: optimizer groups (``{"params": [...], "lr": peak, "weight_decay": ..., "name": ...}``);
 - ``data``: an object with ``steps_per_epoch`` and ``micro_batches(start_step, total_steps)`` yielding the
   micro-batches of this rank in order (``grad_accum`` per step); every batch carries ``num_items`` (the
-  count each loss sum is divided by) and may carry ``num_tokens``, ``num_samples``, ``skipped``;
+  count each loss sum is divided by) and may carry ``num_tokens`` (``tokens_per_s`` in the metrics only for
+  data whose batches carry it), ``num_samples``, ``skipped``;
 - :class:`TrainerSettings`; optional :class:`TrainerHooks` (``flops(batch)`` for MFU, ``save_extra(dir)``
   for checkpoint extras, ``export(trainer, dir)`` for the final export).
 
@@ -209,6 +210,7 @@ class Trainer:
         self.skipped: Counter = Counter()
         self._writers: list[Any] = []
         self._checked = False
+        self._counts_tokens = False  # the data's batches carry num_tokens (PS3 pre-training's do not)
 
     # --- set-up -----------------------------------------------------------------------------------
     def _engine(self, module, param_groups):
@@ -298,6 +300,7 @@ class Trainer:
             for _, _, reason, _ in batch.get("skipped", []):
                 self.skipped[reason] += 1
             tokens += int(batch.get("num_tokens", 0))
+            self._counts_tokens |= "num_tokens" in batch
             samples += int(batch.get("num_samples", 0))
             if self.hooks.flops is not None:
                 flops += float(self.hooks.flops(batch))
@@ -394,7 +397,8 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)
-        metrics["tokens_per_s"] = tokens / elapsed
+        if self._counts_tokens:
+            metrics["tokens_per_s"] = tokens / elapsed
         metrics["samples_per_s"] = samples / elapsed
         peak = _peak_flops(self.settings)
         if flops and peak:
