@@ -141,3 +141,51 @@ def test_merge_lora_says_a_missing_adapter_does_not_exist(capsys, tmp_path):
     assert code == 1
     one_error_line(err, f"adapter {tmp_path / 'nonexistent'} does not exist")
     assert not (tmp_path / "m").exists()
+
+
+# --- flags: types and help (findings 16, 31) ---------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--num-look-close", "--num-token-look-close"])
+def test_data_check_look_close_flags_are_typed_like_chats(capsys, data, flag):
+    code, err = run_main(capsys, "data", "check", data, "--no-images", flag, "abc")
+    assert code == 2
+    assert f"argument {flag}: expected a non-negative integer or 'all', got 'abc'" in err.splitlines()[-1]
+
+
+def help_blocks(text: str) -> dict[str, str]:
+    """Option -> its help text (whitespace joined) from an argparse --help output."""
+    blocks: dict[str, str] = {}
+    option = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -") and not line.startswith("   "):
+            option = stripped.split()[0].rstrip(",")
+            blocks[option] = stripped
+        elif option is not None and line.startswith("   "):
+            blocks[option] += " " + stripped
+        else:
+            option = None
+    return blocks
+
+
+def help_text(capsys, *argv: str) -> str:
+    from vila_hd import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_finetune_lora_flag_says_its_default(capsys):
+    blocks = help_blocks(help_text(capsys, "finetune-lora"))
+    for flag in ("--output-dir", "--epochs", "--max-length", "--micro-batch-size", "--global-batch-size",
+                 "--no-resume", "--lr", "--rank", "--alpha", "--deepspeed", "--format", "--media", "--recipe"):
+        assert "default" in blocks[flag], blocks[flag]
+    assert "(default: outputs/lora)" in blocks["--output-dir"] and "recipe default: 16" in blocks["--global-batch-size"]
+
+
+def test_data_check_help_describes_the_command_and_its_exit_codes(capsys):
+    out = help_text(capsys, "data", "check")
+    text = " ".join(out.split())
+    assert "Exit code 0: no bad sample; 1: bad samples found; 2: the data cannot be checked at all" in text
+    assert "(tests)" not in text and "random-weight preset" in help_blocks(out)["--preset"]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from train.config import CONFIG_ROOT
 from vila_hd import errors
-from vila_hd.cli import naming_model, non_negative_int, positive_float, positive_int
+from vila_hd.cli import look_close_arg, naming_model, non_negative_int, positive_float, positive_int
 
 LORA_RECIPE = os.path.join(CONFIG_ROOT, "stages", "lora.yaml")
 
@@ -48,28 +48,68 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _recipe_defaults(path: str) -> dict:
+    """The fields of a recipe YAML as written (for help texts; empty if it cannot be read)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _value(recipe: dict, key: str):
+    """The value of a dotted key in a recipe as written (``None`` where it is not set)."""
+    value = recipe
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _default(recipe: dict, key: str) -> str:
+    value = _value(recipe, key)
+    return "default: the recipe's" if value is None else f"recipe default: {value}"
+
+
 def finetune_lora_main(argv: Sequence[str] | None = None) -> int:
     """``vila-hd finetune-lora``: LoRA on a custom dataset (LLaVA JSON/JSONL or a ``messages`` dataset)."""
     parser = argparse.ArgumentParser(prog="vila-hd finetune-lora",
-                                     description="LoRA fine-tuning of a VILA-HD checkpoint on your data.")
+                                     description="LoRA fine-tuning of a VILA-HD checkpoint on your data. Unset flags "
+                                     f"take the values of --recipe (defaults below: {LORA_RECIPE}).")
+    recipe = _recipe_defaults(LORA_RECIPE)
     parser.add_argument("--model", required=True, help="VILA-HD checkpoint directory to start from")
     parser.add_argument("--data", required=True, help="LLaVA .json/.jsonl, a .parquet file or a saved dataset dir")
     parser.add_argument("--media", help="folder the image paths of --data are relative to and must stay "
                         "inside (default: the folder of --data)")
-    parser.add_argument("--format", choices=["llava", "messages"], help="default: llava for .json/.jsonl")
-    parser.add_argument("--output-dir", default="outputs/lora")
+    parser.add_argument("--format", choices=["llava", "messages"],
+                        help="record format of --data (default: llava for .json/.jsonl, messages otherwise)")
+    parser.add_argument("--output-dir", default="outputs/lora", help="where checkpoints and the final adapter "
+                        "(OUTPUT_DIR/final) are written (default: %(default)s)")
     parser.add_argument("--recipe", default=LORA_RECIPE, help=f"base recipe (default {LORA_RECIPE})")
-    parser.add_argument("--epochs", type=positive_float)
-    parser.add_argument("--lr", type=positive_float, help="learning rate of the LoRA matrices and the trained modules")
-    parser.add_argument("--rank", type=positive_int, dest="lora_r", help="LoRA rank r")
-    parser.add_argument("--alpha", type=positive_int, help="LoRA alpha")
-    parser.add_argument("--max-length", type=positive_int)
-    parser.add_argument("--micro-batch-size", type=positive_int)
-    parser.add_argument("--global-batch-size", type=positive_int)
-    parser.add_argument("--deepspeed", help="zero2 | zero3 | zero3_offload | a JSON path")
-    parser.add_argument("--qlora", action="store_true", help="load the LLM in 4 bits (bitsandbytes + a GPU)")
+    parser.add_argument("--epochs", type=positive_float,
+                        help=f"passes over the data ({_default(recipe, 'epochs')})")
+    parser.add_argument("--lr", type=positive_float, help="one learning rate for the LoRA matrices and the fully "
+                        f"trained modules (recipe defaults: LoRA {_value(recipe, 'trainable.llm')}, "
+                        f"projector {_value(recipe, 'trainable.projector')})")
+    parser.add_argument("--rank", type=positive_int, dest="lora_r",
+                        help=f"LoRA rank r ({_default(recipe, 'lora.r')})")
+    parser.add_argument("--alpha", type=positive_int, help=f"LoRA alpha ({_default(recipe, 'lora.alpha')})")
+    parser.add_argument("--max-length", type=positive_int, help="token limit of a sample after image-token "
+                        f"expansion; longer samples are skipped ({_default(recipe, 'data.max_length')})")
+    parser.add_argument("--micro-batch-size", type=positive_int, help="samples per GPU per forward pass "
+                        f"({_default(recipe, 'batch.micro_batch_size')})")
+    parser.add_argument("--global-batch-size", type=positive_int, help="samples per optimizer step over all GPUs, "
+                        "a multiple of micro batch x GPUs (gradient accumulation fills the rest; "
+                        f"{_default(recipe, 'batch.global_batch_size')})")
+    parser.add_argument("--deepspeed", help="zero2 | zero3 | zero3_offload | a JSON path "
+                        f"({_default(recipe, 'deepspeed')})")
+    parser.add_argument("--qlora", action="store_true", help="load the LLM in 4 bits (bitsandbytes + a GPU; "
+                        "default: off)")
     _set_args(parser)
-    parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--no-resume", action="store_true", help="start from --model even if --output-dir holds "
+                        "checkpoints of an earlier run (default: resume from the latest one)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from train.config import load_stage
@@ -127,21 +167,31 @@ def data_main(argv: Sequence[str] | None = None) -> int:
     cannot be opened at all (a missing file, a JSON document that does not parse)."""
     parser = argparse.ArgumentParser(prog="vila-hd data", description="Data tools.")
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="report every sample training would skip, with its reason")
+    check = sub.add_parser("check", help="report every sample training would skip, with its reason",
+                           description="Check training data before training: every sample training would skip "
+                           "(missing or unreadable image, bad turns, too long after image-token expansion, ...) is "
+                           "listed with its reason, and warnings for samples trained on but maybe not as meant. "
+                           "Exit code 0: no bad sample; 1: bad samples found; 2: the data cannot be checked at all "
+                           "(a missing or unreadable data file, a model that does not load).")
     check.add_argument("target", metavar="CONFIG_OR_FILE",
                        help="a stage recipe, a dataset registry YAML, or a data file / saved dataset directory")
     check.add_argument("--media", help="media folder of a data file: image paths are relative to it and must stay "
                        "inside (default: the data file's folder)")
     check.add_argument("--allow-outside-media", action="store_true",
                        help="(for a data file) let records name absolute paths and ../ escapes out of --media")
-    check.add_argument("--format", choices=["llava", "messages"])
+    check.add_argument("--format", choices=["llava", "messages"],
+                       help="record format of a data file (default: llava for .json/.jsonl, messages otherwise)")
     check.add_argument("--mixture", help="check only these datasets of a registry (mixture syntax)")
     check.add_argument("--model", help="checkpoint whose tokenizer / chat template / token layout to use")
-    check.add_argument("--preset", help="a tiny preset instead of --model (tests)")
+    check.add_argument("--preset", help="a tiny random-weight preset (e.g. tiny) instead of --model: checks "
+                       "tokenization, lengths and image tokens with that preset's tokenizer and token layout, with "
+                       "no checkpoint at hand (the lengths are those of the preset, not of your model)")
     check.add_argument("--max-length", type=positive_int, help="token limit after image expansion (default: the recipe's, "
                        "else 8192)")
-    check.add_argument("--num-look-close", help="look-close steps used in training (int or 'all')")
-    check.add_argument("--num-token-look-close", type=positive_int, help="patches per image used in training")
+    check.add_argument("--num-look-close", type=look_close_arg, metavar="N|all",
+                       help="look-close steps per image used in training (as chat's --steps; default: the recipe's)")
+    check.add_argument("--num-token-look-close", type=look_close_arg, metavar="N|all",
+                       help="high-res patches per image used in training (as chat's --tokens; default: the recipe's)")
     check.add_argument("--no-images", action="store_true", help="skip decoding the images")
     check.add_argument("--workers", type=positive_int, default=8, help="threads (default: %(default)s)")
     check.add_argument("--show", type=non_negative_int, default=None, help="list at most N bad samples")
@@ -224,9 +274,7 @@ def run_check(args):
     if processor is not None:
         look = stage.look_close.kwargs()
         if args.num_look_close is not None or args.num_token_look_close is not None:
-            steps = args.num_look_close
-            look = {"num_look_close": int(steps) if steps not in (None, "all") else steps,
-                    "num_token_look_close": args.num_token_look_close}
+            look = {"num_look_close": args.num_look_close, "num_token_look_close": args.num_token_look_close}
         max_length = args.max_length or stage.data.max_length
         encoder = SampleEncoder(processor, max_length, {k: v for k, v in look.items() if v is not None})
     return check_sources(sources, encoder, load_images=not args.no_images, workers=args.workers)
