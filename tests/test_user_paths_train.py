@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_cli_errors import one_error_line, run_main
-from train_helpers import fresh_job_env, make_dataset
+from train_helpers import fresh_job_env, make_dataset, stage_dict
 
 EXE = os.path.join(os.path.dirname(sys.executable), "vila-hd")
 EXPECTED = "expected a LLaVA .json / .jsonl file, a .parquet file or a saved dataset directory"
@@ -189,3 +189,38 @@ def test_data_check_help_describes_the_command_and_its_exit_codes(capsys):
     text = " ".join(out.split())
     assert "Exit code 0: no bad sample; 1: bad samples found; 2: the data cannot be checked at all" in text
     assert "(tests)" not in text and "random-weight preset" in help_blocks(out)["--preset"]
+
+
+# --- a finished run says where its result is (finding 25) ----------------------------------------------------
+QUICK = ["--set", "max_steps=1", "--set", "precision=fp32", "--set", "look_close.num_look_close=2",
+         "--set", "look_close.num_token_look_close=null", "--set", "logging.progress_bar=false",
+         "--set", "logging.tensorboard=false", "--set", "data.num_workers=0", "--set", "batch.micro_batch_size=2",
+         "--set", "batch.global_batch_size=4", "--set", "data.max_length=512"]
+
+
+def last_line(capsys) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_finetune_lora_ends_naming_the_adapter_folder(capsys, data, tmp_path, tiny_checkpoint):
+    from vila_hd import cli
+
+    out = tmp_path / "lora"
+    media = os.path.join(os.path.dirname(data), "images")
+    assert cli.main(["finetune-lora", "--model", str(tiny_checkpoint), "--data", data, "--media", media,
+                     "--output-dir", str(out), "--rank", "2", *QUICK]) == 0
+    line = last_line(capsys)
+    assert line.startswith(f"wrote the LoRA adapter to {out / 'final'} ") and "vila-hd merge-lora" in line
+    assert (out / "final" / "adapter_config.json").is_file()
+
+
+def test_train_ends_naming_the_checkpoint_folder(capsys, data, tmp_path):
+    import yaml
+
+    from vila_hd import cli
+
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text(yaml.safe_dump(stage_dict(data, str(tmp_path / "run"))))
+    assert cli.main(["train", str(recipe), *QUICK]) == 0
+    assert last_line(capsys) == f"exported the VILA-HD checkpoint to {tmp_path / 'run' / 'final'}"
+    assert (tmp_path / "run" / "final" / "config.json").is_file()

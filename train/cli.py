@@ -45,7 +45,25 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     config = load_stage(args.config, args.overrides)
     with naming_model(config.init.model or config.init.llm or args.config):
         run_stage(config, resume=not args.no_resume)
+    _say_where(config)
     return 0
+
+
+def _say_where(config) -> None:
+    """The last line of a finished stage (rank 0): the folder of its result."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    final = os.path.join(config.output_dir, "final")
+    if config.lora is not None:
+        print(f"wrote the LoRA adapter to {final} (chat and eval load it as it is; `vila-hd merge-lora --adapter "
+              f"{final} --out DIR` folds it into its base)", flush=True)
+    elif config.checkpoint.export_final:
+        print(f"exported the VILA-HD checkpoint to {final}", flush=True)
+    else:
+        print(f"checkpoints in {os.path.join(config.output_dir, 'checkpoints')} (checkpoint.export_final is off: "
+              "no final export)", flush=True)
 
 
 def _recipe_defaults(path: str) -> dict:
@@ -137,6 +155,7 @@ def finetune_lora_main(argv: Sequence[str] | None = None) -> int:
     config = load_stage(args.recipe, sets + args.overrides)
     with naming_model(config.init.model or args.model):
         run_stage(config, resume=not args.no_resume)
+    _say_where(config)
     return 0
 
 
