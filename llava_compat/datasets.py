@@ -75,6 +75,12 @@ class RawSample:
     boxes: list[list[float] | None] = field(default_factory=list)  # per image, original pixels, or None
 
 
+# How a user allows image paths out of the media folder, by the way the dataset came in: a registry / recipe
+# entry (the default) or a data file named on the command line (`data check FILE`).
+ALLOW_IN_YAML = "set allow_outside_media: true on the dataset entry"
+ALLOW_BY_FLAG = "pass --allow-outside-media"
+
+
 @dataclass(frozen=True)
 class DatasetEntry:
     """A registry entry."""
@@ -84,6 +90,7 @@ class DatasetEntry:
     media: str | None = None  # make_entry sets it (default: the data file's folder); None: paths taken as is
     format: str = "llava"
     allow_outside_media: bool = False  # let records name absolute paths / ../ escapes out of ``media``
+    allow_hint: str = ALLOW_IN_YAML  # how this entry's user allows paths out of ``media`` (see resolve_media_path)
 
 
 # --- registry -------------------------------------------------------------------------------------
@@ -91,8 +98,12 @@ def _guess_format(path: str) -> str:
     return "llava" if path.endswith((".json", ".jsonl")) else "messages"
 
 
-def make_entry(name: str, spec: dict[str, Any], base_dir: str | None = None) -> DatasetEntry:
-    """Validate one registry entry; relative paths are taken from ``base_dir``."""
+
+
+def make_entry(name: str, spec: dict[str, Any], base_dir: str | None = None,
+               allow_hint: str | None = None) -> DatasetEntry:
+    """Validate one registry entry; relative paths are taken from ``base_dir``; ``allow_hint`` (default: the
+    YAML key) is how the bad-sample detail of an escaping image path says to allow it."""
     if not isinstance(spec, dict) or "path" not in spec:
         raise ValueError(f"dataset {name!r}: an entry needs at least 'path' (got {spec!r})")
     unknown = set(spec) - {"path", "media", "format", "description", "allow_outside_media"}
@@ -114,7 +125,8 @@ def make_entry(name: str, spec: dict[str, Any], base_dir: str | None = None) -> 
     if fmt not in FORMATS:
         raise ValueError(f"dataset {name!r}: format must be one of {FORMATS}, got {fmt!r}")
     media = resolve(spec.get("media")) or default_media(path)
-    return DatasetEntry(name=name, path=path, media=media, format=fmt, allow_outside_media=allow_outside)
+    hint = {"allow_hint": allow_hint} if allow_hint else {}
+    return DatasetEntry(name=name, path=path, media=media, format=fmt, allow_outside_media=allow_outside, **hint)
 
 
 def default_media(path: str) -> str:
@@ -218,7 +230,8 @@ class LlavaSource:
             raise SampleError(MALFORMED, f"line is not valid JSON ({err})") from None
 
     def __getitem__(self, index: int) -> RawSample:
-        return llava_record_to_sample(self.record(index), index, self.entry.media, self.entry.allow_outside_media)
+        e = self.entry
+        return llava_record_to_sample(self.record(index), index, e.media, e.allow_outside_media, e.allow_hint)
 
 
 class MessagesSource:
@@ -253,7 +266,8 @@ class MessagesSource:
         return self.dataset[index]
 
     def __getitem__(self, index: int) -> RawSample:
-        return messages_record_to_sample(self.record(index), index, self.entry.media, self.entry.allow_outside_media)
+        e = self.entry
+        return messages_record_to_sample(self.record(index), index, e.media, e.allow_outside_media, e.allow_hint)
 
 
 # The data files ``datasets`` reads, by extension (a saved dataset is a directory).
@@ -294,7 +308,8 @@ def open_source(entry: DatasetEntry):
 
 
 # --- record -> RawSample ----------------------------------------------------------------------------
-def resolve_media_path(path: Any, media: str | None, allow_outside: bool = False) -> str:
+def resolve_media_path(path: Any, media: str | None, allow_outside: bool = False,
+                       allow_hint: str = ALLOW_IN_YAML) -> str:
     """Image path of a record: joined to ``media``, and refused (``PATH_ESCAPES``) when it leaves it -- an
     absolute path or a ``..`` escape -- unless ``allow_outside``. Without a media folder, paths are taken as is."""
     if not isinstance(path, str) or not path:
@@ -309,8 +324,8 @@ def resolve_media_path(path: Any, media: str | None, allow_outside: bool = False
         kind = "an absolute path" if os.path.isabs(path) else "a path"
         if os.path.commonpath([root, full]) == root:  # inside by name: a symbolic link leads out
             kind = "a symbolic link (or a path through one) that leads"
-        raise SampleError(PATH_ESCAPES, f"{path!r} is {kind} outside the media folder {root} (set "
-                                        "allow_outside_media: true on the dataset to allow that)")
+        raise SampleError(PATH_ESCAPES, f"{path!r} is {kind} outside the media folder {root} ({allow_hint} to "
+                                        "allow that)")
     return full
 
 
@@ -360,7 +375,8 @@ def _sample_id(record: dict, index: int) -> str:
     return str(value) if value is not None else f"#{index}"
 
 
-def llava_record_to_sample(record: Any, index: int, media: str | None, allow_outside: bool = False) -> RawSample:
+def llava_record_to_sample(record: Any, index: int, media: str | None, allow_outside: bool = False,
+                           allow_hint: str = ALLOW_IN_YAML) -> RawSample:
     """A LLaVA record -> :class:`RawSample` (raises :class:`SampleError`)."""
     if not isinstance(record, dict):
         raise SampleError(MALFORMED, f"a sample must be a JSON object, got {type(record).__name__}")
@@ -377,11 +393,12 @@ def llava_record_to_sample(record: Any, index: int, media: str | None, allow_out
     _check_text(messages)
     image = record.get("image", record.get("images"))
     images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
-    paths = [resolve_media_path(p, media, allow_outside) for p in images]
+    paths = [resolve_media_path(p, media, allow_outside, allow_hint) for p in images]
     return RawSample(sid, messages, paths, _boxes(record, len(paths)))
 
 
-def messages_record_to_sample(record: Any, index: int, media: str | None, allow_outside: bool = False) -> RawSample:
+def messages_record_to_sample(record: Any, index: int, media: str | None, allow_outside: bool = False,
+                              allow_hint: str = ALLOW_IN_YAML) -> RawSample:
     """A ``messages`` + ``images`` record -> :class:`RawSample` (raises :class:`SampleError`)."""
     if not isinstance(record, dict):
         raise SampleError(MALFORMED, f"a sample must be a mapping, got {type(record).__name__}")
@@ -406,7 +423,7 @@ def messages_record_to_sample(record: Any, index: int, media: str | None, allow_
     for im in images:
         if isinstance(im, dict):  # datasets' Image feature without decoding: {"bytes", "path"}
             im = im.get("bytes") or im.get("path")
-        resolved.append(resolve_media_path(im, media, allow_outside) if isinstance(im, str) else im)
+        resolved.append(resolve_media_path(im, media, allow_outside, allow_hint) if isinstance(im, str) else im)
     return RawSample(sid, messages, resolved, _boxes(record, len(resolved)))
 
 

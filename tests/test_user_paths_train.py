@@ -5,6 +5,7 @@ Most cases run in-process; a few through the installed ``vila-hd`` executable, a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -24,6 +25,12 @@ def vila_hd(*args, cwd: Path) -> subprocess.CompletedProcess:
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([EXE, *map(str, args)], cwd=cwd, env=env, capture_output=True, encoding="utf-8",
                           timeout=300)
+
+
+def cli_main(*argv) -> int:
+    from vila_hd import cli
+
+    return cli.main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +231,21 @@ def test_train_ends_naming_the_checkpoint_folder(capsys, data, tmp_path):
     assert cli.main(["train", str(recipe), *QUICK]) == 0
     assert last_line(capsys) == f"exported the VILA-HD checkpoint to {tmp_path / 'run' / 'final'}"
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+# --- the media hint fits the way the data came in (finding 22) ------------------------------------------------
+def test_the_outside_media_hint_names_the_flag_or_the_yaml_key(capsys, tmp_path, png):
+    record = {"id": "a", "image": str(png), "conversations": [{"from": "human", "value": "<image>\nhi"},
+                                                              {"from": "gpt", "value": "yo"}]}
+    data = tmp_path / "sub" / "d.jsonl"
+    data.parent.mkdir()
+    data.write_text(json.dumps(record) + "\n")
+    code = cli_main("data", "check", data, "--no-images")
+    assert code == 1
+    assert "(pass --allow-outside-media to allow that)" in capsys.readouterr().out
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(f"mine: {{path: {data}}}\n")
+    code = cli_main("data", "check", registry, "--no-images")
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "(set allow_outside_media: true on the dataset entry to allow that)" in out and "--allow" not in out
