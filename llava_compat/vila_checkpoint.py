@@ -339,8 +339,9 @@ def vila_top_config(model) -> dict[str, Any]:
     }
 
 
-def export_vila_checkpoint(model, processor, out_dir: str | os.PathLike) -> None:
-    """Write ``model`` (+ its processor's tokenizer, template and image processor) in the VILA layout."""
+def export_vila_checkpoint(model, processor, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """Write ``model`` (+ its processor's tokenizer, template and image processor) in the VILA layout; the
+    shards of ``llm/`` and ``vision_tower/`` hold at most ``max_shard_size`` (bytes, or e.g. ``"5GB"``)."""
     from vila_hd.processing import write_chat_template
 
     out_dir = os.fspath(out_dir)
@@ -348,7 +349,7 @@ def export_vila_checkpoint(model, processor, out_dir: str | os.PathLike) -> None
         raise CheckpointError("a top-down (after_prompt) model needs a prompt head to be exported to VILA")
     os.makedirs(out_dir, exist_ok=True)
     llm_dir, vision_dir, proj_dir = (os.path.join(out_dir, d) for d in SUBDIRS)
-    model.language_model.save_pretrained(llm_dir, safe_serialization=True)
+    model.language_model.save_pretrained(llm_dir, safe_serialization=True, max_shard_size=max_shard_size)
     llm_config = os.path.join(llm_dir, "config.json")
     with open(llm_config) as f:
         legacy = with_legacy_rope(json.load(f))
@@ -357,7 +358,7 @@ def export_vila_checkpoint(model, processor, out_dir: str | os.PathLike) -> None
     processor.tokenizer.chat_template = processor.chat_template
     processor.tokenizer.save_pretrained(llm_dir)
     write_chat_template(llm_dir, processor.chat_template)
-    model.vision_tower.save_pretrained(vision_dir, safe_serialization=True)
+    model.vision_tower.save_pretrained(vision_dir, safe_serialization=True, max_shard_size=max_shard_size)
     processor.image_processor.save_pretrained(vision_dir)
     os.makedirs(proj_dir, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.mm_projector.state_dict().items()}

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from llava_compat.convert import main as convert_main
+from llava_compat.convert import shard_size
 from llava_compat.vila_checkpoint import CheckpointError, is_vila_checkpoint, read_vila_config
 from vila_hd.model import VilaHDForConditionalGeneration
 from vila_hd.processing import VilaHDProcessor, write_chat_template
@@ -185,6 +186,58 @@ def test_convert_refuses_non_empty_destination(vila_dir, tmp_path, capsys):
     assert vila_hd_main(["convert", "--to", "hf", str(vila_dir), str(tmp_path)]) == 1  # one line, exit 1
     err = capsys.readouterr().err
     assert err.startswith("vila-hd: error: ") and "not empty" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value, size", [("5GB", 5 * 10**9), ("100KB", 100_000), ("1GiB", 2**30),
+                                         ("1.5MB", 1_500_000), ("2 mb", 2 * 10**6), ("123", 123)])
+def test_max_shard_size_reads_sizes_and_bytes(value, size):
+    assert shard_size(value) == size
+
+
+@pytest.mark.parametrize("to", ["hf", "vila"])
+@pytest.mark.parametrize("value", ["abc", "0", "5XB", "-1GB"])
+def test_bad_max_shard_size_is_an_argument_error_either_way(vila_dir, tmp_path, capsys, to, value):
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(["--to", to, str(vila_dir), str(tmp_path / "out"), f"--max-shard-size={value}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --max-shard-size: expected a size such as 5GB" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_to_vila_shards_by_max_shard_size(tiny, vila_dir, tmp_path):
+    out = tmp_path / "vila"
+    assert convert_main(["--to", "vila", str(vila_dir), str(out), "--max-shard-size", "100KB"]) == 0
+    for sub in ("llm", "vision_tower"):
+        shards = sorted(p.name for p in (out / sub).glob("*.safetensors"))
+        assert len(shards) > 1 and (out / sub / "model.safetensors.index.json").exists(), (sub, shards)
+        assert max((out / sub / n).stat().st_size for n in shards) < 2 * 100_000 + 4096  # a tensor may overflow
+    m, p = VilaHDForConditionalGeneration.from_pretrained(out), VilaHDProcessor.from_pretrained(out)
+    torch.testing.assert_close(logits(m, p), logits(*tiny), rtol=0, atol=0)
+
+
+def test_convert_source_must_be_a_checkpoint_directory(tmp_path, capsys, monkeypatch):
+    import vila_hd.model.hub as hub
+    from vila_hd.cli import main as vila_hd_main
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local path went to the Hub")
+
+    monkeypatch.setattr(hub, "_download", no_hub)
+    (tmp_path / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text(json.dumps({"model_type": "vila_hd"}))
+    monkeypatch.chdir(tmp_path)
+    for src, message in [
+        ("img.png", "checkpoint img.png is a file; expected a checkpoint directory or a Hub id"),
+        ("./nope", "checkpoint directory ./nope does not exist (and it is not a Hub id owner/name"),
+        ("empty", "empty has no config.json; it is not a VILA-HD checkpoint"),
+        ("config-only", "config-only has no *.safetensors weights; it is not a VILA-HD checkpoint"),
+    ]:
+        assert vila_hd_main(["convert", "--to", "hf", src, "out"]) == 1, src
+        err = capsys.readouterr().err
+        assert err.startswith(f"vila-hd: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def broken_copy(tiny, tmp_path, edit):

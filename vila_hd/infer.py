@@ -2,13 +2,13 @@
 
     vila-hd infer --model DIR_OR_HUB_ID --input questions.jsonl --output answers.jsonl [--batch-size 8]
 
-Each input line: ``{"id": ..., "image": "a.jpg" | ["a.jpg", "b.jpg"] (or "images": [...]), "question": "..."}``
-(``id`` defaults to the line number, images are optional and relative paths are read from ``--image-root``,
-default the input file's folder; without ``<image>`` placeholders in the question the images go first).
+Each input line: {"id": ..., "image": "a.jpg" | ["a.jpg", "b.jpg"] (or "images": [...]), "question": "..."}
+(id defaults to the line number, images are optional and relative paths are read from --image-root,
+default the input file's folder; without <image> placeholders in the question the images go first).
 
-Each output line: ``{"id", "question", "images", "answer", "stats"}``, or ``{"id", ..., "error"}`` for an item
+Each output line: {"id", "question", "images", "answer", "stats"}, or {"id", ..., "error"} for an item
 that failed (a broken image, a question too long for the context...): the run goes on. Run the same command
-again to resume: ids already in the output are skipped (``--retry-errors`` redoes the failed ones).
+again to resume: ids already in the output are skipped (--retry-errors redoes the failed ones).
 """
 
 from __future__ import annotations
