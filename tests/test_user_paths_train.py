@@ -249,3 +249,27 @@ def test_the_outside_media_hint_names_the_flag_or_the_yaml_key(capsys, tmp_path,
     assert code == 1
     out = capsys.readouterr().out
     assert "(set allow_outside_media: true on the dataset entry to allow that)" in out and "--allow" not in out
+
+
+# --- the parameter table counts each parameter once (finding 23) --------------------------------------------
+def test_lora_parameter_table_counts_fully_trained_modules_once(data, tmp_path):
+    from train.config import stage_from_dict
+    from train.lora import apply_lora
+    from train.stage import set_trainable, trainable_summary
+    from vila_hd.model.tiny import build_tiny_model
+
+    parts = {"llm": 1e-3, "projector": 1e-3, "prompt_head": 1e-3, "selection": 1e-3}
+    plain = stage_from_dict(stage_dict(data, str(tmp_path / "a"), trainable=parts))
+    model, _ = build_tiny_model("tiny", seed=0)
+    set_trainable(model, plain)
+    full = trainable_summary(model)
+
+    lora = stage_from_dict(stage_dict(data, str(tmp_path / "b"), trainable=parts, lora={"r": 2, "alpha": 4}))
+    model, _ = build_tiny_model("tiny", seed=0)
+    peft_model = apply_lora(model, lora.lora, list(parts))
+    set_trainable(peft_model, lora)
+    table = trainable_summary(peft_model)
+    for part in ("projector", "prompt_head", "selection"):
+        assert table[part] == full[part] and table[part][0] == table[part][1], part
+    lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
+    assert table["llm"] == (lora_params, full["llm"][1] + lora_params)

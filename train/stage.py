@@ -124,9 +124,12 @@ def set_trainable(model: torch.nn.Module, config: StageConfig) -> list[dict[str,
 
 
 def trainable_summary(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """Part -> (trainable, total) parameter counts."""
+    """Part -> (trainable, total) parameter counts, each parameter once: peft's frozen ``original_module`` of a
+    fully trained module (``modules_to_save``) is left out, its trained copy is what the user's model holds."""
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue
         key = part_of(name) or "never"
         out[key][1] += p.numel()
         if p.requires_grad:
