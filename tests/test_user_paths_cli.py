@@ -43,3 +43,17 @@ def test_convert_prints_no_deepspeed_banner(tiny_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert BANNER not in proc.stderr + proc.stdout, proc.stderr
     assert proc.stdout.strip().endswith(f"wrote hf checkpoint to {tmp_path / 'hf'}")
+
+
+def test_merge_lora_prints_no_deepspeed_banner(tiny_checkpoint, tmp_path):
+    pytest.importorskip("peft")
+    from train.config import LoraConfig
+    from train.lora import apply_lora, load_base_model, save_adapter
+
+    model, processor = load_base_model(str(tiny_checkpoint))
+    adapter = tmp_path / "adapter"
+    save_adapter(apply_lora(model, LoraConfig(r=2, alpha=4), ["llm"]), str(adapter), processor, str(tiny_checkpoint))
+    proc = vila_hd("merge-lora", "--adapter", str(adapter), "--out", str(tmp_path / "merged"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert BANNER not in proc.stderr + proc.stdout, proc.stderr
+    assert (tmp_path / "merged" / "config.json").is_file()

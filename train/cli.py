@@ -172,6 +172,7 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    import train.trainer  # noqa: F401 - its logging filter drops DeepSpeed's banner (save_pretrained imports it)
     from train.lora import merge_adapter
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
