@@ -499,4 +499,22 @@ def build_mixture(registry: dict[str, DatasetEntry], mixture: str, seed: int = 0
     if missing:
         raise KeyError(f"mixture {mixture!r} names unknown dataset(s) {missing}; registered: {sorted(registry)}")
     names = list(dict.fromkeys(t.name for t in terms))
-    return Mixture([(name, open_source(registry[name])) for name in names], terms, seed)
+    return Mixture(list(open_sources(registry, names).items()), terms, seed)
+
+
+def open_sources(registry: dict[str, DatasetEntry], names: Sequence[str]) -> dict[str, Any]:
+    """Open the named datasets; when the files of several do not exist, one error lists them all."""
+    sources, missing = {}, []
+    for name in names:
+        entry = registry[name]
+        if not os.path.exists(entry.path):
+            missing.append(entry)
+            continue
+        sources[name] = open_source(entry)
+    if len(missing) == 1:
+        raise FileNotFoundError(f"dataset {missing[0].name!r}: {missing[0].path} does not exist")
+    if missing:
+        listed = "; ".join(f"{e.name!r}: {e.path}" for e in missing)
+        raise FileNotFoundError(f"{len(missing)} datasets' files do not exist: {listed} (download or create them, "
+                                "or fix their paths in the registry)")
+    return sources

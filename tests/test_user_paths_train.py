@@ -273,3 +273,26 @@ def test_lora_parameter_table_counts_fully_trained_modules_once(data, tmp_path):
         assert table[part] == full[part] and table[part][0] == table[part][1], part
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
     assert table["llm"] == (lora_params, full["llm"][1] + lora_params)
+
+
+# --- data check's exit codes and a registry's missing files (finding 15) -----------------------------------
+def test_data_check_lists_every_missing_dataset_of_a_registry_and_exits_2(capsys, tmp_path, data):
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(f"here: {{path: {data}}}\ngone_a: {{path: a/x.json}}\ngone_b: {{path: b/y.jsonl}}\n")
+    code, err = run_main(capsys, "data", "check", registry, "--no-images")
+    assert code == 2
+    one_error_line(err, "2 datasets' files do not exist", f"'gone_a': {tmp_path / 'a' / 'x.json'}",
+                   f"'gone_b': {tmp_path / 'b' / 'y.jsonl'}")
+    assert "'here'" not in err
+    assert run_main(capsys, "data", "check", registry, "--no-images", "--mixture", "here")[0] == 0
+    code, err = run_main(capsys, "data", "check", registry, "--mixture", "here+nope")
+    assert code == 2
+    one_error_line(err, "--mixture names unknown dataset(s) ['nope']")
+
+
+def test_the_readme_and_the_guide_give_data_checks_exit_codes():
+    root = Path(__file__).resolve().parent.parent
+    guide = " ".join((root / "docs" / "training.md").read_text().split())
+    assert "0, no bad sample; 1, bad samples found (the report says which); 2, the data cannot be checked" in guide
+    readme = (root / "README.md").read_text()
+    assert "0 ok, 1 bad samples, 2 cannot check" in readme and "example.yaml's datasets are not shipped" in readme

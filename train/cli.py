@@ -183,8 +183,9 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> int:
 
 
 def data_main(argv: Sequence[str] | None = None) -> int:
-    """``vila-hd data check``: validate training data; exit code 1 when a bad sample is found, 2 when the data
-    cannot be opened at all (a missing file, a JSON document that does not parse)."""
+    """``vila-hd data check``: validate training data; exit code 0 when no sample is bad, 1 when a bad sample is
+    found, 2 when the data cannot be checked at all (a missing file, a JSON document that does not parse, a data
+    file of an unknown kind, a model that does not load)."""
     parser = argparse.ArgumentParser(prog="vila-hd data", description="Data tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="report every sample training would skip, with its reason",
@@ -282,7 +283,11 @@ def run_check(args):
                                                                           allow_hint=ds.ALLOW_BY_FLAG)}
     mixture = args.mixture or (stage.data.mixture if kind == "stage" else None)
     names = list(dict.fromkeys(t.name for t in ds.parse_mixture(mixture))) if mixture else list(registry)
-    sources = {name: ds.open_source(registry[name]) for name in names}
+    unknown = [name for name in names if name not in registry]
+    if unknown:
+        where = "--mixture" if args.mixture else f"{args.target}: data.mixture"
+        raise errors.ConfigError(f"{where} names unknown dataset(s) {unknown}; registered: {sorted(registry)}")
+    sources = ds.open_sources(registry, names)
 
     processor = None
     if args.model or args.preset:
