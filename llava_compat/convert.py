@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from vila_hd.quiet import drop_deepspeed_banners
+
 DESCRIPTION = """Convert a checkpoint between the VILA layout (llm/, vision_tower/, mm_projector/) and the
 single-directory layout of VILA-HD.
 
@@ -82,13 +84,6 @@ def resolve_source(src: str) -> str:
     return path
 
 
-def quiet_deepspeed() -> None:
-    """``save_pretrained`` imports DeepSpeed when it is installed (accelerate's ``unwrap_model`` looks for its
-    engine class), and DeepSpeed logs an accelerator banner on a machine without a GPU. The training package's
-    logging filter drops that banner (as in finetune-lora); importing it installs the filter."""
-    import train.trainer  # noqa: F401
-
-
 def convert(
     src: str, dst: str, to: str, dtype: str | None = None, max_shard_size: int | str = "5GB", force: bool = False
 ) -> None:
@@ -115,7 +110,7 @@ def convert(
         check_chat_template(processor, src)
     if torch_dtype is not None:
         model.to(torch_dtype)
-    quiet_deepspeed()
+    drop_deepspeed_banners()  # save_pretrained may import DeepSpeed, which logs a banner on a CPU machine
     with naming_file(dst, "output directory"):
         if to == "hf":
             model.save_pretrained(dst, safe_serialization=True, max_shard_size=max_shard_size)

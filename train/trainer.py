@@ -29,9 +29,7 @@ import contextlib
 import copy
 import io
 import json
-import logging
 import os
-import re
 import socket
 import sys
 import time
@@ -46,6 +44,7 @@ import torch.distributed as dist
 from train import checkpoint as ckpt
 from train.losses import normalized_total
 from train.schedule import warmup_cosine_scheduler
+from vila_hd.quiet import DEEPSPEED_BANNERS, drop_deepspeed_banners
 
 # bf16 dense peak per device (TFLOP/s), matched against the CUDA device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0}
@@ -88,18 +87,8 @@ class TrainerHooks:
 
 
 # --- distributed set-up -----------------------------------------------------------------------------
-# DeepSpeed's start-up banners, which say nothing a user can act on: its accelerator auto-detection on a
-# machine without a GPU, and the CPU communication op it builds on the first init. Dropped by message only.
-_DS_BANNERS = re.compile(r"Setting (ds_)?accelerator to |DeepSpeed \S+ built successfully$")
-
-
-class _DropDeepSpeedBanners(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _DS_BANNERS.match(record.getMessage())
-
-
-# DeepSpeed's logger ("DeepSpeed", see deepspeed.utils.logging) may first log when a library imports it.
-logging.getLogger("DeepSpeed").addFilter(_DropDeepSpeedBanners())
+# DeepSpeed's start-up banners (vila_hd.quiet): its logger is filtered as soon as training is imported.
+drop_deepspeed_banners()
 
 
 @contextlib.contextmanager
@@ -110,7 +99,7 @@ def _without_deepspeed_prints():
         with contextlib.redirect_stdout(buffer):
             yield
     finally:
-        kept = [line for line in buffer.getvalue().splitlines(keepends=True) if not _DS_BANNERS.match(line.strip())]
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True) if not DEEPSPEED_BANNERS.match(line.strip())]
         sys.stdout.write("".join(kept))
 
 
