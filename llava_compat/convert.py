@@ -72,8 +72,7 @@ def resolve_source(src: str) -> str:
     to be one of the two layouts. A local-looking path that is a file or missing is an error, never a Hub
     request; a directory without ``config.json`` or without weights is refused with one line."""
     from llava_compat.vila_checkpoint import is_vila_checkpoint
-    from vila_hd.engine import resolve_checkpoint
-    from vila_hd.model.hub import refuse_pickled_weights
+    from vila_hd.model.hub import refuse_pickled_weights, resolve_checkpoint
 
     path = resolve_checkpoint(src, "checkpoint")
     if not os.path.isfile(os.path.join(path, "config.json")):

@@ -37,6 +37,7 @@ from PIL import Image
 from transformers.generation import BaseStreamer, StoppingCriteria
 
 from vila_hd.images import DEFAULT_MAX_PIXELS, load_image
+from vila_hd.model.hub import resolve_checkpoint
 from vila_hd.processing import PromptTooLong
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -402,19 +403,6 @@ def choose_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def resolve_checkpoint(path_or_id: str | os.PathLike, what: str = "model", **hub_kwargs: Any) -> str:
-    """A local directory as is; a Hub id ``owner/name`` downloaded (safetensors and metadata only).
-
-    A path that is neither an existing directory nor shaped like a Hub id is reported as missing, without
-    asking the Hub."""
-    from vila_hd.model.hub import locate, resolve_model_dir
-
-    path, local = locate(path_or_id, f"{what} directory")
-    if local and not os.path.isdir(path):
-        raise NotADirectoryError(f"{what} {path} is a file; expected a checkpoint directory or a Hub id")
-    return resolve_model_dir(path, kind="model", **hub_kwargs)  # a local directory: checked for custom code
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:

@@ -109,6 +109,17 @@ def resolve_model_dir(
     return snapshot
 
 
+def resolve_checkpoint(path_or_id: str | os.PathLike, what: str = "model", **hub_kwargs: Any) -> str:
+    """A local directory as is; a Hub id ``owner/name`` downloaded (safetensors and metadata only).
+
+    A path that is neither an existing directory nor shaped like a Hub id is reported as missing, without
+    asking the Hub."""
+    path, local = locate(path_or_id, f"{what} directory")
+    if local and not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path} is a file; expected a checkpoint directory or a Hub id")
+    return resolve_model_dir(path, kind="model", **hub_kwargs)  # a local directory: checked for custom code
+
+
 def _download(path: str, kind: str, revision, token, cache_dir, local_files_only: bool) -> str:
     from huggingface_hub import snapshot_download
 
