@@ -103,7 +103,7 @@ class VilaHDProcessor:
         """Load from a directory or Hub id written by :meth:`save_pretrained`, or from a VILA checkpoint."""
         from vila_hd.model.hub import resolve_model_dir
 
-        path = resolve_model_dir(path_or_id, kind="processor", **kwargs)
+        path = resolve_model_dir(path_or_id, kind="processor", what="VILA-HD processor", **kwargs)
         if not os.path.exists(os.path.join(path, PROCESSOR_CONFIG)):
             from llava_compat.vila_checkpoint import is_vila_checkpoint, load_vila_processor
 

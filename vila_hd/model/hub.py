@@ -85,6 +85,21 @@ def locate(path_or_id: str | os.PathLike, what: str = "checkpoint") -> tuple[str
     return path, False
 
 
+def locate_directory(path_or_id: str | os.PathLike, what: str = "checkpoint",
+                     missing: str | None = None) -> tuple[str, bool]:
+    """:func:`locate` for a checkpoint: an existing local path must be a directory. ``missing`` names the thing
+    in the does-not-exist error (default ``what``).
+
+    Raises:
+        NotADirectoryError: an existing file (an image given as ``--model``); nothing was downloaded.
+        FileNotFoundError: as :func:`locate`.
+    """
+    path, local = locate(path_or_id, missing or what)
+    if local and not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path} is a file; expected a checkpoint directory or a Hub id")
+    return path, local
+
+
 def resolve_model_dir(
     path_or_id: str | os.PathLike,
     kind: str = "model",
@@ -92,16 +107,15 @@ def resolve_model_dir(
     token: str | bool | None = None,
     cache_dir: str | None = None,
     local_files_only: bool = False,
+    what: str = "checkpoint",
     **_unused,
 ) -> str:
     """Return ``path_or_id`` if it is a local directory, else download the files of ``kind``
     (``model`` / ``processor`` / ``config``) of that Hub repository and return the snapshot directory.
     A local-looking path that does not exist is an error (see :func:`locate`), never a download; a directory
     that asks for custom code is refused (:func:`refuse_custom_code`)."""
-    path, local = locate(path_or_id)
+    path, local = locate_directory(path_or_id, what)
     if local:
-        if not os.path.isdir(path):
-            raise NotADirectoryError(f"{path} is a file; expected a checkpoint directory or a Hub id")
         refuse_custom_code(path)
         return path
     snapshot = _download(path, kind, revision, token, cache_dir, local_files_only)
@@ -114,10 +128,8 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, what: str = "model", **hub
 
     A path that is neither an existing directory nor shaped like a Hub id is reported as missing, without
     asking the Hub."""
-    path, local = locate(path_or_id, f"{what} directory")
-    if local and not os.path.isdir(path):
-        raise NotADirectoryError(f"{what} {path} is a file; expected a checkpoint directory or a Hub id")
-    return resolve_model_dir(path, kind="model", **hub_kwargs)  # a local directory: checked for custom code
+    path, _ = locate_directory(path_or_id, what, missing=f"{what} directory")
+    return resolve_model_dir(path, kind="model", what=what, **hub_kwargs)  # a local directory: checked for custom code
 
 
 def _download(path: str, kind: str, revision, token, cache_dir, local_files_only: bool) -> str:

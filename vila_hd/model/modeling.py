@@ -753,7 +753,7 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         The keys are those of this model (``language_model.*``, ``vision_tower.*``, ``mm_projector.*``) in both
         layouts."""
         from vila_hd.model.hub import (
-            locate,
+            locate_directory,
             pop_key_allowances,
             refuse_custom_code,
             refuse_pickled_weights,
@@ -762,7 +762,7 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
             strict_from_pretrained,
         )
 
-        path, local = locate(pretrained_model_name_or_path, "VILA-HD checkpoint")
+        path, local = locate_directory(pretrained_model_name_or_path, "VILA-HD checkpoint")
         kwargs = safetensors_only(kwargs, f"VILA-HD checkpoint {path}")
         if local:
             refuse_pickled_weights(path, "VILA-HD checkpoint")

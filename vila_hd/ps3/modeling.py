@@ -42,14 +42,14 @@ class PS3PreTrainedModel(PreTrainedModel):
         tower's and the contrastive scalars of a full ``ps3`` checkpoint are ignored by design);
         ``allow_missing_keys`` / ``allow_unexpected_keys`` (regular expressions searched in the key) allow them."""
         from vila_hd.model.hub import (
-            locate,
+            locate_directory,
             refuse_custom_code,
             refuse_pickled_weights,
             safetensors_only,
             strict_from_pretrained,
         )
 
-        path, local = locate(pretrained_model_name_or_path, "PS3 checkpoint")
+        path, local = locate_directory(pretrained_model_name_or_path, "PS3 checkpoint")
         kwargs = safetensors_only(kwargs, f"PS3 checkpoint {path}")
         if local:
             refuse_pickled_weights(path, "PS3 checkpoint")
