@@ -97,6 +97,38 @@ def test_too_few_samples_for_a_global_batch_fail_before_the_model_is_built(capsy
     assert not (tmp_path / "out").exists()
 
 
+# --- training never writes into the checkpoint it starts from (new-user test 2, finding a) -------------------
+def test_training_refuses_an_output_dir_in_its_init_checkpoint(capsys, monkeypatch, data, tmp_path):
+    import yaml
+
+    import train.stage
+
+    def no_model(config):
+        raise AssertionError("the model was built before output_dir was checked")
+
+    monkeypatch.setattr(train.stage, "load_init", no_model)
+    base = tmp_path / "base"
+    base.mkdir()
+    (tmp_path / "link").symlink_to(base)
+    for out, where in ((base, "is"), (tmp_path / "link" / "run", "is inside")):
+        code, err = run_main(capsys, "finetune-lora", "--model", tmp_path / "link", "--data", data,
+                             "--output-dir", out)
+        assert code == 1
+        one_error_line(err, f"--output-dir {out} {where} the checkpoint", f"--model {tmp_path / 'link'}")
+        recipe = tmp_path / "stage.yaml"
+        cfg = stage_dict(data, str(out))
+        cfg["init"] = {"ps3": str(tmp_path / "ps3"), "llm": str(tmp_path / "link")}
+        recipe.write_text(yaml.safe_dump(cfg))
+        code, err = run_main(capsys, "train", recipe)
+        assert code == 1
+        one_error_line(err, f"output_dir {out} {where} the checkpoint", f"init.llm {tmp_path / 'link'}")
+    assert os.listdir(base) == []
+    cfg["output_dir"] = str(tmp_path / "based")  # a sibling whose name starts with the checkpoint's is fine
+    from train.config import stage_from_dict
+
+    assert stage_from_dict(cfg).output_dir == str(tmp_path / "based")
+
+
 
 # --- merge-lora's output folder (findings 8, 21) ---------------------------------------------------------------
 @pytest.fixture()

@@ -130,9 +130,10 @@ def finetune_lora_main(argv: Sequence[str] | None = None) -> int:
                         "checkpoints of an earlier run (default: resume from the latest one)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from train.config import load_stage
+    from train.config import load_stage, refuse_output_in_init
     from train.stage import run_stage
 
+    refuse_output_in_init(args.output_dir, {"--model": args.model}, "--output-dir")
     dataset = {"path": os.path.abspath(args.data)}
     if args.media:
         dataset["media"] = os.path.abspath(args.media)

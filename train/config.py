@@ -232,6 +232,7 @@ class StageConfig:
         if self.llm_attention not in LLM_ATTENTION:
             raise ConfigError(f"llm_attention must be one of {list(LLM_ATTENTION)}, got {self.llm_attention!r}")
         read_deepspeed_config(self.deepspeed)
+        refuse_output_in_init(self.output_dir, {f"init.{k}": getattr(self.init, k) for k in ("model", "ps3", "llm")})
 
     @property
     def learning_rates(self) -> dict[str, float]:
@@ -243,6 +244,20 @@ class StageConfig:
 
 
 # --- loading --------------------------------------------------------------------------------------
+def refuse_output_in_init(output_dir: str, inits: dict[str, str | None], flag: str = "output_dir") -> None:
+    """Refuse an output folder that is, or is inside, a local checkpoint the stage starts from (real paths):
+    training would write its checkpoints, logs and final export into that checkpoint."""
+    real_out = os.path.realpath(output_dir)
+    for key, path in inits.items():
+        if not path or not os.path.exists(path):
+            continue
+        real = os.path.realpath(path)
+        if os.path.commonpath([real_out, real]) == real:
+            where = "is" if real_out == real else "is inside"
+            raise ConfigError(f"{flag} {output_dir} {where} the checkpoint the stage starts from ({key} {path}); "
+                              f"training would write into it: choose another {flag}")
+
+
 def build_section(cls, data: Any, where: str):
     """Dataclass ``cls`` from a dict, refusing unknown keys (the error names the full key path)."""
     if data is None:
