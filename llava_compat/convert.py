@@ -76,6 +76,11 @@ def resolve_source(src: str) -> str:
 
     path = resolve_checkpoint(src, "checkpoint")
     if not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise FileNotFoundError(
+                f"{path} is a LoRA adapter (adapter_config.json, no config.json), not a checkpoint: merge it into "
+                f"its base model first with `vila-hd merge-lora --adapter {path} --out MERGED`, then convert MERGED"
+            )
         raise FileNotFoundError(f"{path} has no config.json; it is not a VILA-HD checkpoint (either layout)")
     if not is_vila_checkpoint(path) and not any(n.endswith(".safetensors") for n in os.listdir(path)):
         refuse_pickled_weights(path)  # names the pickles, if that is what it holds
@@ -97,10 +102,10 @@ def convert(
     if to not in ("vila", "hf"):
         raise ValueError(f"--to must be 'vila' or 'hf', got {to!r}")
     src = resolve_source(src)
+    if os.path.realpath(src) == os.path.realpath(dst):
+        raise ValueError(f"src and dst are the same directory ({dst}); write the converted checkpoint elsewhere")
     if os.path.isdir(dst) and os.listdir(dst) and not force:
         raise FileExistsError(f"{dst} exists and is not empty (use --force to write into it)")
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise ValueError("src and dst must differ")
     torch_dtype = getattr(torch, dtype) if dtype else None
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     with naming_model(src):

@@ -215,6 +215,15 @@ def test_convert_to_vila_shards_by_max_shard_size(tiny, vila_dir, tmp_path):
     torch.testing.assert_close(logits(m, p), logits(*tiny), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_convert_onto_its_own_source_names_it(vila_dir, capsys, force):
+    from vila_hd.cli import main as vila_hd_main
+
+    assert vila_hd_main(["convert", "--to", "hf", str(vila_dir), str(vila_dir), *force]) == 1
+    err = capsys.readouterr().err
+    assert err == f"vila-hd: error: src and dst are the same directory ({vila_dir}); write the converted checkpoint elsewhere\n"
+
+
 def test_convert_source_must_be_a_checkpoint_directory(tmp_path, capsys, monkeypatch):
     import vila_hd.model.hub as hub
     from vila_hd.cli import main as vila_hd_main
@@ -227,8 +236,12 @@ def test_convert_source_must_be_a_checkpoint_directory(tmp_path, capsys, monkeyp
     (tmp_path / "empty").mkdir()
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "config.json").write_text(json.dumps({"model_type": "vila_hd"}))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     monkeypatch.chdir(tmp_path)
     for src, message in [
+        ("adapter", "adapter is a LoRA adapter (adapter_config.json, no config.json), not a checkpoint: merge it "
+                    "into its base model first with `vila-hd merge-lora --adapter adapter --out MERGED`"),
         ("img.png", "checkpoint img.png is a file; expected a checkpoint directory or a Hub id"),
         ("./nope", "checkpoint directory ./nope does not exist (and it is not a Hub id owner/name"),
         ("empty", "empty has no config.json; it is not a VILA-HD checkpoint"),
