@@ -167,12 +167,29 @@ def test_merge_lora_refuses_a_non_empty_out_unless_forced(capsys, adapter, tmp_p
     out = tmp_path / "merged"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    stale = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    for name in stale:  # a bigger earlier merge, sharded
+        (out / name).write_text("old")
     code, err = run_main(capsys, "merge-lora", "--adapter", adapter_dir, "--out", out)
     assert code == 1
     one_error_line(err, f"{out} exists and is not empty (use --force to write into it)")
-    assert sorted(os.listdir(out)) == ["notes.txt"]
+    assert sorted(os.listdir(out)) == sorted(["notes.txt", *stale])
     assert run_main(capsys, "merge-lora", "--adapter", adapter_dir, "--out", out, "--force")[0] == 0
-    assert (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+    assert not any((out / name).exists() for name in stale)
+
+
+def test_merge_lora_refuses_a_file_as_out_before_loading(capsys, monkeypatch, adapter, png):
+    import train.lora
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(train.lora, "load_adapter_model", no_model)
+    for force in ([], ["--force"]):
+        code, err = run_main(capsys, "merge-lora", "--adapter", adapter[0], "--out", png, *force)
+        assert code == 1
+        one_error_line(err, f"--out {png} is a file; expected a folder to write the merged checkpoint into")
 
 
 def test_merge_lora_says_a_missing_adapter_does_not_exist(capsys, tmp_path):

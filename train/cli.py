@@ -169,7 +169,8 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="dtype of the written weights (default: the base checkpoint's)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out (never into the "
-                        "adapter's base checkpoint)")
+                        "adapter's base checkpoint): the *.safetensors files and model.safetensors.index.json "
+                        "of an earlier checkpoint there are deleted first; other files are kept")
     args = parser.parse_args(argv)
     import torch
 

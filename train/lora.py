@@ -152,10 +152,12 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: torch.dtype | None = No
     """Fold an adapter into its base and write a plain VILA-HD checkpoint (safetensors + processor).
 
     ``out_dir`` may never be the adapter's base checkpoint or the adapter itself (resolved real paths), and
-    must be empty or absent unless ``force``; both are checked before anything is loaded."""
+    must be a folder, empty or absent unless ``force`` (then an earlier checkpoint's weights there are deleted
+    before writing); all is checked before anything is loaded."""
     check_merge_output(adapter_dir, out_dir, force)
     model, processor = load_adapter_model(adapter_dir, dtype=dtype, merge=True)
     os.makedirs(out_dir, exist_ok=True)
+    remove_old_weights(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     return out_dir
@@ -172,8 +174,19 @@ def check_merge_output(adapter_dir: str, out_dir: str, force: bool = False) -> N
                           f"{ADAPTER_CONFIG}); merging would overwrite it: choose another --out")
     if real_out == os.path.realpath(adapter_dir):
         raise VilaHDError(f"--out {out_dir} is the adapter directory itself; choose another --out")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise VilaHDError(f"--out {out_dir} is a file; expected a folder to write the merged checkpoint into")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise FileExistsError(f"{out_dir} exists and is not empty (use --force to write into it)")
+
+
+def remove_old_weights(out_dir: str) -> None:
+    """Delete an earlier checkpoint's weights (``*.safetensors`` shards and their index) from ``out_dir``, so
+    that ``--force`` never leaves a stray shard of a bigger earlier merge beside the new checkpoint."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if (name.endswith(".safetensors") or name == "model.safetensors.index.json") and os.path.isfile(path):
+            os.remove(path)
 
 
 def four_bit_config(dtype: torch.dtype):
