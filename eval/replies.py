@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.benchmarks.base import Benchmark, FormatError, Sample, read_jsonl, read_tsv, sample_id
+from eval.benchmarks.base import Benchmark, FormatError, Sample, read_jsonl, read_tsv, sample_id, utf8_text
 
 REPLY_FORMATS = ("auto", "vila-hd", "lmms-eval", "vlmevalkit", "mme-realworld", "llava")
 REPLY_KEYS = ("prediction", "text", "response", "output", "answer")
@@ -72,7 +72,8 @@ def read_reply_rows(path: Path, tabular: bool) -> list[dict[str, Any]]:
         with open(path, "rb") as f:
             is_xlsx = f.read(4) == _XLSX_MAGIC
         return _read_xlsx(path) if is_xlsx else read_tsv(path)
-    text = path.read_text(encoding="utf-8")
+    with utf8_text(path, "replies as JSON lines or a JSON list"):
+        text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)

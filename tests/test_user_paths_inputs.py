@@ -57,3 +57,40 @@ def test_locate_directory_keeps_dirs_and_hub_ids(tmp_path):
     assert hub.locate_directory("owner/name", "model") == ("owner/name", False)
     with pytest.raises(FileNotFoundError, match="model directory ./nope does not exist"):
         hub.locate_directory("./nope", "model", missing="model directory")
+
+
+def _text_readers():
+    from eval.benchmarks.base import read_jsonl, read_records, read_tsv
+    from eval.replies import read_replies
+    from vila_hd.infer import read_items
+
+    return [
+        ("img.jsonl", read_jsonl, "expected JSON lines"),
+        ("img.json", read_records, "expected a JSON file"),
+        ("img.tsv", read_tsv, "expected a tab-separated table"),
+        ("img.png", read_replies, "expected replies as JSON lines or a JSON list"),
+        ("img.png", read_items, "expected JSON lines"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_text_readers_name_a_binary_file(tmp_path, index):
+    from vila_hd.errors import FileFormatError
+
+    name, read, expected = _text_readers()[index]
+    path = tmp_path / name
+    path.write_bytes(PNG)
+    with pytest.raises(FileFormatError) as err:
+        read(path)
+    message = str(err.value)
+    assert str(path) in message and "is not UTF-8 text" in message and expected in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("benchmark", ["jsonl", "4kpro"])
+def test_eval_benchmark_data_that_is_an_image_is_named(png, benchmark):
+    from eval.benchmarks import build_benchmark
+    from vila_hd.errors import FileFormatError
+
+    with pytest.raises(FileFormatError, match=f"{png} is not UTF-8 text"):
+        build_benchmark(benchmark, str(png)).samples()

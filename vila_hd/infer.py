@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vila_hd.engine import Conversation, Engine, GenerationOptions
+from vila_hd.errors import FileFormatError
 from vila_hd.images import ImageLoadError
 
 COMMAND = "infer"
@@ -45,19 +46,28 @@ class Item:
 def read_items(path: str | os.PathLike) -> list[Item]:
     """Parse the input JSONL; a malformed line becomes an item carrying its error. Duplicate ids are refused."""
     items, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            item = _parse_line(text, number)
-            if item.key in seen:
-                raise ValueError(
-                    f"{path}: id {item.id!r} appears on lines {seen[item.key]} and {number}; ids must be "
-                    "unique for resuming to work"
-                )
-            seen[item.key] = number
-            items.append(item)
+    for number, text in enumerate(_text_lines(path), start=1):
+        if not text.strip():
+            continue
+        item = _parse_line(text, number)
+        if item.key in seen:
+            raise ValueError(
+                f"{path}: id {item.id!r} appears on lines {seen[item.key]} and {number}; ids must be "
+                "unique for resuming to work"
+            )
+        seen[item.key] = number
+        items.append(item)
     return items
+
+
+def _text_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of input file ``path``; a file that is not UTF-8 text (an image) is named."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except UnicodeDecodeError:
+        raise FileFormatError(f"input {os.fspath(path)} is not UTF-8 text (a binary file?); expected JSON lines "
+                              "(one request object a line)") from None
 
 
 def _parse_line(text: str, number: int) -> Item:

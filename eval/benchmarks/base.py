@@ -13,21 +13,22 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from eval.answers import option_map, parse_choice
 from eval.metrics import micro_accuracy, open_answer_score
-from vila_hd.errors import VilaHDError
+from vila_hd.errors import FileFormatError
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 ANSWER_PARSERS = ("official", "robust")
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
-class FormatError(VilaHDError):
+class FormatError(FileFormatError):
     """A benchmark file does not have the publisher's layout; the message names the file, row and field."""
 
 
@@ -199,6 +200,15 @@ def options_from(value: Any, where: str) -> dict[str, str]:
 
 
 # --- table readers ----------------------------------------------------------------------------------------
+@contextmanager
+def utf8_text(path: str | os.PathLike, expected: str) -> Iterator[None]:
+    """Name ``path`` when what the block reads from it is not UTF-8 text (an image given as a data file)."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise FormatError(f"{os.fspath(path)} is not UTF-8 text (a binary file?); expected {expected}") from None
+
+
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a ``.json`` (a list, or ``{"data": [...]}``), ``.jsonl``, ``.tsv`` or ``.parquet`` file."""
     path = Path(path)
@@ -206,7 +216,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     if suffix == ".jsonl":
         return read_jsonl(path)
     if suffix == ".json":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f, utf8_text(path, "a JSON file"):
             try:
                 data = json.load(f)
             except json.JSONDecodeError as err:
@@ -225,7 +235,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f, utf8_text(path, "JSON lines (one JSON object a line)"):
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -243,7 +253,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 def read_tsv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """A VLMEvalKit-style TSV (header row, tab separated, base64 images in a column)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are far longer than csv's default 128 kB
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", newline="") as f, utf8_text(path, "a tab-separated table"):
         reader = csv.DictReader(f, delimiter="\t")
         if not reader.fieldnames:
             raise FormatError(f"{path} is empty (no header row)")
