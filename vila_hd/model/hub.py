@@ -158,40 +158,31 @@ def safetensors_only(kwargs: dict[str, Any], what: str) -> dict[str, Any]:
     return {**kwargs, "use_safetensors": True}
 
 
-def refuse_pickled_weights(directory: str, what: str = "checkpoint") -> None:
-    """Raise if ``directory`` has pickled weight files but no ``*.safetensors`` (checked before transformers
-    would report a missing ``model.safetensors`` less clearly)."""
+def refuse_pickled_weights(directory: str, what: str = "checkpoint", prefix: str = "") -> None:
+    """Raise if ``directory`` has pickled weight files but no safetensors (checked before transformers would
+    report a missing ``model.safetensors`` less clearly). ``prefix``: only files named so count (a LoRA adapter's
+    ``adapter_model``), and the message names the safetensors file to convert to."""
     if not os.path.isdir(directory):
         return
-    names = os.listdir(directory)
+    names = [n for n in os.listdir(directory) if n.startswith(prefix)]
     if any(n.endswith(".safetensors") for n in names):
         return
     pickled = sorted(n for n in names if n.endswith(PICKLED_SUFFIXES))
     if pickled:
+        target = f" to {prefix}.safetensors" if prefix else ""
         raise OSError(
             f"{what} {directory} has only pickled weights ({', '.join(pickled)}); VILA-HD loads safetensors only, "
-            "because unpickling can run any code a file carries. Convert them on a machine you trust "
+            f"because unpickling can run any code a file carries. Convert them{target} on a machine you trust "
             "(safetensors.torch.save_file(torch.load(f, weights_only=True), ...))."
         )
 
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
 def refuse_unsafe_adapter(adapter_dir: str | os.PathLike) -> None:
-    """Raise before peft reads a LoRA adapter directory that has pickled weights but no ``adapter_model.safetensors``
-    (or configs that name custom code)."""
+    """Raise before peft reads a LoRA adapter directory whose configs name custom code, or that has pickled
+    weights but no ``adapter_model.safetensors``."""
     adapter_dir = os.fspath(adapter_dir)
     refuse_custom_code(adapter_dir, "LoRA adapter")
-    if not os.path.isdir(adapter_dir) or os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS)):
-        return
-    pickled = sorted(n for n in os.listdir(adapter_dir) if n.startswith("adapter_model") and n.endswith(PICKLED_SUFFIXES))
-    if pickled:
-        raise OSError(  # as refuse_pickled_weights: the same refusal for a model and an adapter
-            f"LoRA adapter {adapter_dir} has only pickled weights ({', '.join(pickled)}) and no {ADAPTER_WEIGHTS}: "
-            f"VILA-HD loads safetensors only (unpickling can run any code a file carries); convert it to {ADAPTER_WEIGHTS} "
-            "on a machine you trust (safetensors.torch.save_file(torch.load(f, weights_only=True), ...))"
-        )
+    refuse_pickled_weights(adapter_dir, "LoRA adapter", prefix="adapter_model")
 
 
 # --- no code from a checkpoint ------------------------------------------------------------------------------------
