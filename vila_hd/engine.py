@@ -526,19 +526,39 @@ def _apply_adapter(model, adapter_dir: str, merge: bool):
 
 
 # --- generation internals ------------------------------------------------------------------------------
+class IncrementalText:
+    """The text of a growing token list, handed out as soon as it decodes to complete characters (a
+    byte-level token may end inside a UTF-8 character). Each :meth:`feed` decodes only a short window: the
+    tokens since the last text handed out plus the one before them (so that tokenizers which drop a leading
+    space at the start of a decode still get it right)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._start = 0  # window start (one token before the first unsent one)
+        self._sent = 0  # tokens whose text is out
+
+    def feed(self, ids: list[int], final: bool = False) -> str | None:
+        """The new text of ``ids`` (the whole list so far), or ``None`` while there is none that is whole."""
+        done = self.tokenizer.decode(ids[self._start : self._sent], skip_special_tokens=True)
+        text = self.tokenizer.decode(ids[self._start :], skip_special_tokens=True)
+        if len(text) > len(done) and (final or not text.endswith("\ufffd")):
+            self._start, self._sent = self._sent, len(ids)
+            return text[len(done) :]
+        return None
+
+
 class _TextChunks(BaseStreamer):
     """A streamer (``generate(streamer=...)``) that turns the new ids into text chunks on a queue.
 
     Unlike transformers' ``TextIteratorStreamer`` (which waits for whole words), it hands out text as soon
-    as it decodes to complete characters: a byte-level token may end inside a UTF-8 character."""
+    as it decodes to complete characters (:class:`IncrementalText`)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         # SimpleQueue: its get() survives a KeyboardInterrupt in the reading thread without leaving a lock held
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self._ids: list[int] = []
-        self._start = 0  # window start (one token before the first unsent one)
-        self._sent = 0  # tokens whose text is out
+        self._text = IncrementalText(tokenizer)
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -553,13 +573,9 @@ class _TextChunks(BaseStreamer):
         self.queue.put(None)
 
     def _emit(self, final: bool) -> None:
-        # Decode a short window: the tokens since the last emitted text plus the one before them (so that
-        # tokenizers which drop a leading space at the start of a decode still get it right).
-        done = self.tokenizer.decode(self._ids[self._start : self._sent], skip_special_tokens=True)
-        text = self.tokenizer.decode(self._ids[self._start :], skip_special_tokens=True)
-        if len(text) > len(done) and (final or not text.endswith("\ufffd")):
-            self.queue.put(text[len(done) :])
-            self._start, self._sent = self._sent, len(self._ids)
+        chunk = self._text.feed(self._ids, final)
+        if chunk is not None:
+            self.queue.put(chunk)
 
 
 class _Clock(StoppingCriteria):
@@ -677,6 +693,11 @@ class Engine:
     @property
     def max_image_pixels(self) -> int | None:
         return self.limits.max_image_pixels
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        """The ids that end a row: the processor's end-of-turn ids and the padding of finished rows."""
+        return set(self.processor.stop_token_ids) | {self.model.generation_config.pad_token_id}
 
     @classmethod
     def from_pretrained(
@@ -908,7 +929,7 @@ class Engine:
 
     def _results(self, inputs, rows: list[list[int]], selection, stats: GenerationStats, images) -> list:
         """One :class:`GenerationResult` per batch row: its text, counts and its images' selection maps."""
-        stop_ids = set(self.processor.stop_token_ids) | {self.model.generation_config.pad_token_id}
+        stop_ids = self.stop_token_ids
         results, offset = [], 0
         for i, (row, row_images) in enumerate(zip(rows, images)):
             generated = len(row)

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vila_hd.engine import LimitExceeded
 from vila_hd.errors import is_user_error
-from vila_hd.serve.batcher import Batcher, Job, QueueFull, StopText
+from vila_hd.serve.batcher import Batcher, Job, QueueFull, StopText, first_stop
 from vila_hd.serve.errors import APIError, error_body
 from vila_hd.serve.schema import ChatRequest, MediaPolicy, parse_request
 
@@ -368,7 +368,7 @@ def _sse(meta: dict, choices: list, usage: dict | None = None) -> str:
 
 
 def _final_text(text: str, stops: list[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    cut = first_stop(text, stops)
     return text if cut < 0 else text[:cut]
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from transformers.generation import BaseStreamer
 
+from vila_hd.engine import IncrementalText
 from vila_hd.serve.schema import ChatRequest
 
 log = logging.getLogger("vila_hd.serve")
@@ -68,6 +69,11 @@ class QueueFull(Exception):
     pass
 
 
+def first_stop(text: str, stops: list[str], start: int = 0) -> int:
+    """Where the first of ``stops`` begins in ``text`` (searching from ``start``), or -1."""
+    return min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
+
+
 class StopText:
     """A choice's text with its stop strings cut off: :meth:`feed` returns what may be sent now (holding back
     a tail that could start a stop string)."""
@@ -79,7 +85,7 @@ class StopText:
         if self.hit:
             return ""
         self.text += chunk
-        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = first_stop(self.text, self.stops, self.sent)  # a stop string cannot start in text already sent
         if cut >= 0:
             self.hit, self.text = True, self.text[:cut]
             end = cut
@@ -98,6 +104,8 @@ class RowStreamer(BaseStreamer):
     def __init__(self, tokenizer, stop_ids: set[int], owners: list[tuple[Job, int]], stop: threading.Event):
         self.tokenizer, self.stop_ids, self.owners, self.stop = tokenizer, stop_ids, owners, stop
         self.ids: list[list[int]] = [[] for _ in owners]
+        self.texts = [IncrementalText(tokenizer) for _ in owners]
+        self.decoded = [0] * len(owners)  # characters of each row's text decoded so far
         self.done = [False] * len(owners)
         self.prompt_seen = False
 
@@ -131,10 +139,13 @@ class RowStreamer(BaseStreamer):
         job, choice = self.owners[row]
         if job.cancelled.is_set():
             return
-        text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-        if len(text) > job.sent[choice] and (final or not text.endswith("\ufffd")):
-            job.emit("delta", (choice, text[job.sent[choice]:]))
-            job.sent[choice] = len(text)
+        chunk = self.texts[row].feed(self.ids[row], final)
+        if chunk is None:
+            return
+        start, self.decoded[row] = self.decoded[row], self.decoded[row] + len(chunk)
+        if self.decoded[row] > job.sent[choice]:  # a redo streams on from the text the client already has
+            job.emit("delta", (choice, chunk[max(job.sent[choice] - start, 0):]))
+            job.sent[choice] = self.decoded[row]
 
     def _maybe_stop(self) -> None:
         wanted = [not (done or job.cancelled.is_set() or job.finished[choice])
@@ -246,8 +257,7 @@ class Batcher:
         request = batch[0].request
         owners = [(job, i) for job in batch for i in range(job.rows)]
         stop = threading.Event()
-        stop_ids = set(engine.processor.stop_token_ids) | {engine.model.generation_config.pad_token_id}
-        streamer = RowStreamer(engine.processor.tokenizer, stop_ids, owners, stop)
+        streamer = RowStreamer(engine.processor.tokenizer, engine.stop_token_ids, owners, stop)
         if request.sampling and request.seed is not None:
             torch.manual_seed(request.seed)
         self.generate_calls += 1
