@@ -36,10 +36,6 @@ VILA_PROJECTOR_NAMES = {
 }
 SUBDIRS = ("llm", "vision_tower", "mm_projector")
 
-
-# CheckpointError: a checkpoint that does not match the model it should fill (one class for every loader).
-
-
 # --- detection and configuration ---------------------------------------------------------------------
 def _read_json(path: str) -> dict[str, Any]:
     with open(path) as f:
@@ -148,8 +144,10 @@ def load_vila_processor(path: str | os.PathLike, config=None):
     from vila_hd.ps3 import PS3ImageProcessor
 
     path = os.fspath(path)
-    config = config or read_vila_config(path)  # (it refuses custom code; a given config skipped that)
-    _check_layout(path)
+    if config is None:
+        config = read_vila_config(path)  # checks the layout and refuses custom code
+    else:
+        _check_layout(path)  # a given config skipped those checks
     llm_dir = os.path.join(path, "llm")
     tokenizer = AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
     template = read_chat_template(llm_dir) or getattr(tokenizer, "chat_template", None)
@@ -188,9 +186,9 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor]) 
     """Load the tensors of ``state`` that fit ``module``; returns the loading report (missing, unexpected and
     mis-shaped keys) for :func:`_check_part` to judge."""
     own = module.state_dict()
-    mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape))
-                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    fitting = {k: v for k, v in state.items() if k in own and state[k].shape == own[k].shape}
+    bad = {k for k in own.keys() & state.keys() if state[k].shape != own[k].shape}
+    mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in sorted(bad)]
+    fitting = {k: v for k, v in state.items() if k in own and k not in bad}
     module.load_state_dict(fitting, strict=False)
     return {"missing_keys": sorted(set(own) - set(state)), "unexpected_keys": sorted(set(state) - set(own)),
             "mismatched_keys": mismatched}
@@ -351,8 +349,7 @@ def export_vila_checkpoint(model, processor, out_dir: str | os.PathLike, max_sha
     llm_dir, vision_dir, proj_dir = (os.path.join(out_dir, d) for d in SUBDIRS)
     model.language_model.save_pretrained(llm_dir, safe_serialization=True, max_shard_size=max_shard_size)
     llm_config = os.path.join(llm_dir, "config.json")
-    with open(llm_config) as f:
-        legacy = with_legacy_rope(json.load(f))
+    legacy = with_legacy_rope(_read_json(llm_config))
     with open(llm_config, "w") as f:
         json.dump(legacy, f, indent=2)
     processor.tokenizer.chat_template = processor.chat_template

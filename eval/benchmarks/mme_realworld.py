@@ -53,6 +53,10 @@ RULES = ("official", "fixed")
 _CHOICE = re.compile(r"^\s*\(([A-Z])\)\s*(.*)$", re.S)
 
 
+def _meta(record: dict[str, Any], key: str):
+    return record.get("meta", {}).get(key)
+
+
 class MMERealWorld(Benchmark):
     name = "mme-realworld"
     instruction = PROMPT_TAIL
@@ -145,9 +149,8 @@ class MMERealWorld(Benchmark):
         for rule in RULES:
             value = mean(float(bool(r.get(f"correct_{rule}"))) for r in records)
             out[f"accuracy_{rule}"] = None if value is None else round(100 * value, 2)
-        meta = lambda r, k: r.get("meta", {}).get(k)  # noqa: E731
-        out["by_task"] = accuracy_by(records, lambda r: meta(r, "task"))
-        out["by_subtask"] = accuracy_by(records, lambda r: f"{meta(r, 'task')}/{meta(r, 'subtask')}")
+        out["by_task"] = accuracy_by(records, lambda r: _meta(r, "task"))
+        out["by_subtask"] = accuracy_by(records, lambda r: f"{_meta(r, 'task')}/{_meta(r, 'subtask')}")
         out["chose_E"] = sum(r.get("parsed") == "E" for r in records)
         out["official_report"] = official_report(records)
         return out
@@ -160,13 +163,12 @@ def official_report(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {"n": len(members), "accuracy": round(100 * hits / len(members), 2),
                 "chose_E": sum(r.get("parsed") == "E" for r in members)}
 
-    meta = lambda r, k: r.get("meta", {}).get(k)  # noqa: E731
     report: dict[str, Any] = {}
-    for task, in_task in sorted(grouped(records, lambda r: meta(r, "task")).items()):
+    for task, in_task in sorted(grouped(records, lambda r: _meta(r, "task")).items()):
         subtasks = {}
-        for subtask, in_subtask in sorted(grouped(in_task, lambda r: meta(r, "subtask")).items()):
+        for subtask, in_subtask in sorted(grouped(in_task, lambda r: _meta(r, "subtask")).items()):
             categories = {name: level(members) for name, members in
-                          sorted(grouped(in_subtask, lambda r: meta(r, "category")).items())}
+                          sorted(grouped(in_subtask, lambda r: _meta(r, "category")).items())}
             subtasks[subtask] = {**level(in_subtask), "categories": categories}
         report[task] = {**level(in_task), "subtasks": subtasks}
     return report
