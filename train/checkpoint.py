@@ -224,6 +224,11 @@ def own_checkpoint(root: str, name: str) -> str | None:
     return None if os.path.isdir(path) else "no such checkpoint directory"
 
 
+def _is_complete(path: str) -> bool:
+    """A checkpoint directory that was published: it has a trainer state or a manifest."""
+    return os.path.isfile(os.path.join(path, STATE_FILE)) or os.path.isfile(os.path.join(path, MANIFEST))
+
+
 def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     """(step, path) of the complete checkpoints (a manifest or a trainer state; inside ``root``), oldest first."""
     if not os.path.isdir(root):
@@ -231,8 +236,7 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     found = []
     for name in os.listdir(root):
         path = os.path.join(root, name)
-        if own_checkpoint(root, name) is None and (os.path.isfile(os.path.join(path, STATE_FILE))
-                                                   or os.path.isfile(os.path.join(path, MANIFEST))):
+        if own_checkpoint(root, name) is None and _is_complete(path):
             found.append((int(_STEP_DIR.match(name).group(1)), path))
     return sorted(found)
 
@@ -245,7 +249,9 @@ def prune(root: str, keep_last: int, fresh: str | None = None) -> None:
         return
     latest = _read_latest(root)
     found = complete_checkpoints(root)
-    keep = {path for _, path in found[-keep_last:]} | {os.path.join(root, latest or "")}
+    keep = {path for _, path in found[-keep_last:]}
+    if latest is not None:
+        keep.add(os.path.join(root, latest))
     for _, path in reversed(found):
         if verify(path, hashes=path != fresh) is None:
             keep.add(path)  # the newest verified checkpoint (usually the one just written)
@@ -280,8 +286,7 @@ def _latest_of(root: str) -> tuple[str | None, str | None]:
     if name is None:
         return None, None
     why = own_checkpoint(root, name)
-    if why is None and not os.path.isfile(os.path.join(root, name, STATE_FILE)) \
-            and not os.path.isfile(os.path.join(root, name, MANIFEST)):
+    if why is None and not _is_complete(os.path.join(root, name)):
         why = "not a complete checkpoint"
     if why is not None:
         return None, f"{os.path.join(root, LATEST)} names {name!r}, which is ignored ({why})"
@@ -361,7 +366,7 @@ def _read_manifest(checkpoint_dir: str) -> tuple[dict[str, tuple[int, str]] | No
             manifest = json.load(f)
         files = manifest["files"]
         listed = {str(rel): (int(v["size"]), str(v["sha256"])) for rel, v in files.items()}
-        listing = manifest.get("files_sha256") if int(manifest.get("version", 1)) >= 2 else _listing_digest(files)
+        listing = manifest.get("files_sha256")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return None, f"{MANIFEST}: unreadable ({type(err).__name__})"
     if listing != _listing_digest(files):
@@ -400,11 +405,11 @@ def verify(checkpoint_dir: str, hashes: bool = True) -> str | None:
 def _resume_order(root: str) -> tuple[list[str], list[str]]:
     """(checkpoints to try, newest first: ``latest``'s, then the older complete ones; notes on ``latest``)."""
     latest, why = _latest_of(root)
-    found = [path for _, path in reversed(complete_checkpoints(root))]
-    if latest is not None:
-        step = int(_STEP_DIR.match(os.path.basename(latest)).group(1))
-        found = [latest] + [p for p in found if int(_STEP_DIR.match(os.path.basename(p)).group(1)) < step]
-    return found, [why] if why else []
+    found = list(reversed(complete_checkpoints(root)))
+    if latest is None:
+        return [path for _, path in found], [why] if why else []
+    step = int(_STEP_DIR.match(os.path.basename(latest)).group(1))
+    return [latest] + [path for s, path in found if s < step], [why] if why else []
 
 
 def _decide_resume(output_dir: str) -> tuple[str | None, str | None, str | None]:

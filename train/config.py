@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from llava_compat.datasets import inside
 from vila_hd.errors import ConfigError, naming_file
 
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -247,13 +248,11 @@ class StageConfig:
 def refuse_output_in_init(output_dir: str, inits: dict[str, str | None], flag: str = "output_dir") -> None:
     """Refuse an output folder that is, or is inside, a local checkpoint the stage starts from (real paths):
     training would write its checkpoints, logs and final export into that checkpoint."""
-    real_out = os.path.realpath(output_dir)
     for key, path in inits.items():
         if not path or not os.path.exists(path):
             continue
-        real = os.path.realpath(path)
-        if os.path.commonpath([real_out, real]) == real:
-            where = "is" if real_out == real else "is inside"
+        if inside(path, output_dir):
+            where = "is" if os.path.realpath(output_dir) == os.path.realpath(path) else "is inside"
             raise ConfigError(f"{flag} {output_dir} {where} the checkpoint the stage starts from ({key} {path}); "
                               f"training would write into it: choose another {flag}")
 

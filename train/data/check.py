@@ -92,7 +92,14 @@ class CheckReport:
 
 def check_sample(source, index: int, encoder=None, load_images: bool = True) -> tuple[str, BadSample | None]:
     """``(id, None)`` for a good sample, ``(id, BadSample)`` otherwise (``dataset`` left empty)."""
-    sid = f"#{index}"
+    sid, bad, _ = _check_parsed(source, index, encoder, load_images, lambda: _safe_record(source, index))
+    return sid, bad
+
+
+def _check_parsed(source, index: int, encoder, load_images: bool, record_of):
+    """:func:`check_sample`'s ``(id, bad)`` and the parsed sample (``None`` when it did not parse);
+    ``record_of()`` gives the record, asked for only when the sample did not parse."""
+    sid, raw = f"#{index}", None
     try:
         raw = source[index]
         sid = raw.id
@@ -107,9 +114,9 @@ def check_sample(source, index: int, encoder=None, load_images: bool = True) -> 
             normalized_boxes(raw.boxes, [im.size for im in images])
     except ds.SampleError as err:
         if sid.startswith("#"):  # the record did not parse: take its id straight from the record if it has one
-            sid = _record_id(source, index) or sid
-        return sid, BadSample("", index, sid, err.reason, err.detail)
-    return sid, None
+            sid = _record_id(record_of()) or sid
+        return sid, BadSample("", index, sid, err.reason, err.detail), raw
+    return sid, None, raw
 
 
 def sample_warnings(source, index: int) -> list[tuple[str, str]]:
@@ -118,6 +125,11 @@ def sample_warnings(source, index: int) -> list[tuple[str, str]]:
         raw = source[index]
     except ds.SampleError:
         return []
+    return _warnings_of(raw, _safe_record(source, index))
+
+
+def _warnings_of(raw, record) -> list[tuple[str, str]]:
+    """The warnings of parsed sample ``raw``, whose record (as read, or ``None``) is ``record``."""
     found = []
     if raw.images and not any(ds.IMAGE_TOKEN in m["content"] for m in raw.messages):
         found.append((PLACEHOLDER_INSERTED, f"no {ds.IMAGE_TOKEN} in the text: {len(raw.images)} inserted at "
@@ -126,7 +138,6 @@ def sample_warnings(source, index: int) -> list[tuple[str, str]]:
         found.append((MULTI_IMAGE, f"{len(raw.images)} images"))
     if any(m["role"] == "system" for m in raw.messages):
         found.append((SYSTEM_TURN, "a system turn (LLaVA-format data usually has none)"))
-    record = _safe_record(source, index)
     turns = record.get("conversations") if isinstance(record, dict) else None
     if isinstance(turns, list):
         roles = sorted({t["from"] for t in turns if isinstance(t, dict) and isinstance(t.get("from"), str)}
@@ -137,22 +148,21 @@ def sample_warnings(source, index: int) -> list[tuple[str, str]]:
 
 
 def _safe_record(source, index: int):
+    """``source.record(index)``, or ``None`` for a record that cannot even be read."""
     try:
         return source.record(index)
-    except Exception:  # noqa: BLE001 - a record that cannot be read has no roles to report
+    except Exception:  # noqa: BLE001 - a record that cannot be read has no id and no roles to report
         return None
 
 
 def _check_one(source, index: int, encoder, load_images: bool):
-    sid, bad = check_sample(source, index, encoder, load_images)
-    return sid, bad, sample_warnings(source, index)
+    """One sample, parsed once and its record read once: ``(id, bad or None, warnings)``."""
+    record = _safe_record(source, index)
+    sid, bad, raw = _check_parsed(source, index, encoder, load_images, lambda: record)
+    return sid, bad, [] if raw is None else _warnings_of(raw, record)
 
 
-def _record_id(source, index: int) -> str | None:
-    try:
-        record = source.record(index)
-    except Exception:  # noqa: BLE001 - a record that cannot even be read has no id
-        return None
+def _record_id(record) -> str | None:
     value = record.get("id") if isinstance(record, dict) else None
     return None if value is None else str(value)
 
