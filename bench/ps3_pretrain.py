@@ -1,12 +1,12 @@
 """PS3 pre-training step speed: samples/s, achieved TFLOP/s and MFU for PS3-1.5K and PS3-4K (SO400M).
 
-One training step of :class:`train.pretrain.model.PS3ForPretraining` (random weights of the real architecture;
+One training step of :class:`vila_hd.train.pretrain.model.PS3ForPretraining` (random weights of the real architecture;
 speed does not depend on weight values): text tower, low-res pass, GT-forced selection of one 2560-patch step per
 image, high-res pass against the low-res K/V, box-masked pooling, SigLIP + selection BCE losses, backward, AdamW.
 Parameters in bf16 (as under DeepSpeed bf16; the fp32 master copy and its optimizer update are not timed), batch
 of random uint8 images at the model's largest scale, 25% global captions, boxes of 5-20% of the side.
 
-FLOPs follow the trainer's convention (:func:`train.pretrain.loop.pretrain_flops`): 6 x params x tokens for the
+FLOPs follow the trainer's convention (:func:`vila_hd.train.pretrain.loop.pretrain_flops`): 6 x params x tokens for the
 trunk (729 low-res + 2560 selected tokens per image) and the text tower (64 tokens), plus attention (not halved);
 gradient-checkpointing recomputation is not counted, so MFU is model FLOPs utilisation. Global-caption samples
 skip the high-res step (their feature is the low-res pooled one), so their 2560 tokens are not counted. Peak:
@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from train.pretrain.loop import pretrain_flops
-from train.pretrain.model import LOSS_TERMS, PS3ForPretraining, loss_counts, pretrain_loss_sums
-from train.pretrain.synthetic import tiny_ps3_config
 from vila_hd.ps3 import preset_config
+from vila_hd.train.pretrain.loop import pretrain_flops
+from vila_hd.train.pretrain.model import LOSS_TERMS, PS3ForPretraining, loss_counts, pretrain_loss_sums
+from vila_hd.train.pretrain.synthetic import tiny_ps3_config
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -65,8 +65,8 @@ def build(name: str, device: torch.device, dtype: torch.dtype, grad_ckpt: bool, 
     model = model.to(dtype).train()
     model.set_gradient_checkpointing(grad_ckpt)
     if compile_blocks:
-        from train.compile import compile_pretraining_blocks
-        from train.config import CompileConfig
+        from vila_hd.train.compile import compile_pretraining_blocks
+        from vila_hd.train.config import CompileConfig
 
         compile_pretraining_blocks(model, CompileConfig(enabled=True))
     return model

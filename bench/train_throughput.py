@@ -7,7 +7,7 @@ LLM, random weights (speed does not depend on weight values). Data: synthetic SF
 a few text-only ones, answers of varied length) so that padding has something to waste and packing
 something to gain.
 
-MFU = model FLOPs / (step time x peak), model FLOPs as in :mod:`train.flops`: 6 x N x tokens for the LLM
+MFU = model FLOPs / (step time x peak), model FLOPs as in :mod:`vila_hd.train.flops`: 6 x N x tokens for the LLM
 (N without the input embedding and the LM head) + 6 x N_head x target tokens (where the step runs the head) + attention 12 x layers x width x sum(seq_len^2) (full-attention
 convention of PaLM / torchtitan), the PS3 trunk 6 x N_v x patches + its attention, and the top-down prefix
 pass (forward only). Peak: 989 TFLOP/s (H100/H200 bf16 dense) unless --peak-tflops is given.
@@ -72,7 +72,7 @@ def _normalize(pixels: torch.Tensor) -> torch.Tensor:
 
 def synthetic_samples(model, image_token_id: int, look_close: dict, n: int, max_length: int, seed: int = 0):
     """EncodedSample-like items: [prompt][image tokens + "\\n"][question] [answer] with varied lengths."""
-    from train.data.dataset import EncodedSample
+    from vila_hd.train.data.dataset import EncodedSample
 
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.text_config.vocab_size
@@ -118,10 +118,10 @@ class SyntheticData:
 
 
 def run(args, packing: bool, profile_dir: str | None = None) -> dict:
-    from train.data.collate import Collator
-    from train.flops import FlopsModel
-    from train.model_step import VilaHDTrainStep
-    from train.trainer import Trainer, TrainerSettings, _peak_flops
+    from vila_hd.train.data.collate import Collator
+    from vila_hd.train.flops import FlopsModel
+    from vila_hd.train.model_step import VilaHDTrainStep
+    from vila_hd.train.trainer import Trainer, TrainerSettings, _peak_flops
 
     cuda = torch.cuda.is_available()
     model, image_token_id, look = build_model(args.preset, args.attn)
@@ -138,7 +138,7 @@ def run(args, packing: bool, profile_dir: str | None = None) -> dict:
     if args.compile:
         from torch._dynamo.utils import counters
 
-        from train.compile import compile_blocks
+        from vila_hd.train.compile import compile_blocks
 
         torch._dynamo.reset()  # each packing mode compiles afresh (recompile limits count per process)
         counters.clear()
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
             parser.error(str(err))
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
-    from train.trainer import init_distributed
+    from vila_hd.train.trainer import init_distributed
 
     init_distributed()
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.packing]
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
 
 
 def _compile_config(args):
-    from train.config import CompileConfig
+    from vila_hd.train.config import CompileConfig
 
     config = CompileConfig(enabled=True, backend=args.compile_backend, mode=args.compile_mode)
     config.validate()

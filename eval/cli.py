@@ -3,7 +3,7 @@
     vila-hd eval --benchmark vstar --data vstar_bench/ --model DIR_OR_HUB_ID --output outputs/eval/vstar
     vila-hd eval --benchmark hrbench --data hr_bench_4k.tsv --model M --output out/hr4k --sweep steps=1,2,4,6
     vila-hd eval --benchmark textvqa --data TextVQA_0.5.1_val.json --replies answers.jsonl --output out/tvqa
-    torchrun --nproc-per-node 8 -m eval.cli eval --benchmark mme-realworld --data MME_RealWorld.json --model M ...
+    torchrun --nproc-per-node 8 -m vila_hd.eval.cli eval --benchmark mme-realworld --data MME_RealWorld.json --model M ...
     vila-hd synth --out data/synth --image-size 1512 --low-res 378 --train 1000 --test 200
 
 Run the same ``eval`` command again to resume an interrupted run. Benchmarks, formats and outputs:
@@ -18,10 +18,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from eval.benchmarks import ALIASES, BENCHMARKS, FormatError, build_benchmark
-from eval.benchmarks.base import ANSWER_PARSERS
-from eval.replies import REPLY_FORMATS, load_replies, read_replies  # noqa: F401  (read_replies: public here)
 from vila_hd.cli import positive_int
+from vila_hd.eval.benchmarks import ALIASES, BENCHMARKS, FormatError, build_benchmark
+from vila_hd.eval.benchmarks.base import ANSWER_PARSERS
+from vila_hd.eval.replies import REPLY_FORMATS, load_replies, read_replies  # noqa: F401  (read_replies: public here)
 
 GENERATION_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                      "top_k": "top_k", "steps": "steps", "tokens": "tokens", "mode": "mode"}
@@ -93,8 +93,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """``vila-hd eval``: returns the exit code (2 for bad arguments, 1 for a failed run)."""
-    from eval.harness import distributed_rank_world, run_benchmark, summary_markdown
-    from eval.sweep import parse_budgets, run_sweep, sweep_markdown
+    from vila_hd.eval.harness import distributed_rank_world, run_benchmark, summary_markdown
+    from vila_hd.eval.sweep import parse_budgets, run_sweep, sweep_markdown
 
     parser = build_eval_parser()
     args = parser.parse_args(argv)
@@ -149,8 +149,8 @@ def _model_or_replies(args: argparse.Namespace, benchmark):
     if args.replies:
         replies = load_replies(args.replies, benchmark, args.replies_format)
         return None, replies, {"replies_file": os.path.abspath(args.replies)}
-    from eval.predictor import EnginePredictor
     from vila_hd.cli import load_engine
+    from vila_hd.eval.predictor import EnginePredictor
 
     if args.device is None and args.device_map is None and "LOCAL_RANK" in os.environ:
         import torch
@@ -174,18 +174,18 @@ def _key_values(items: Sequence[str]) -> dict[str, str]:
 
 
 def synth_main(argv: Sequence[str] | None = None) -> int:
-    """``vila-hd synth``: generate the synthetic high-resolution benchmark (``eval.synthetic``)."""
-    from eval.synthetic import main
+    """``vila-hd synth``: generate the synthetic high-resolution benchmark (``vila_hd.eval.synthetic``)."""
+    from vila_hd.eval.synthetic import main
 
     return main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m eval.cli eval ...`` / ``python -m eval.cli synth ...`` (also under torchrun)."""
+    """``python -m vila_hd.eval.cli eval ...`` / ``python -m vila_hd.eval.cli synth ...`` (also under torchrun)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"eval": eval_main, "synth": synth_main}
     if not argv or argv[0] not in commands:
-        print("usage: python -m eval.cli {eval,synth} ...", file=sys.stderr)
+        print("usage: python -m vila_hd.eval.cli {eval,synth} ...", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

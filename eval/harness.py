@@ -29,10 +29,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.benchmarks.base import Benchmark, Sample
-from eval.metrics import accuracy_by, mean, percentile, resolution_bucket
-from eval.predictor import BatchPredictor, LikelihoodPredictor, Prediction, Predictor
 from vila_hd.errors import VilaHDError
+from vila_hd.eval.benchmarks.base import Benchmark, Sample
+from vila_hd.eval.metrics import accuracy_by, mean, percentile, resolution_bucket
+from vila_hd.eval.predictor import BatchPredictor, LikelihoodPredictor, Prediction, Predictor
 
 MC_MODES = ("generate", "likelihood")
 # Failures of one sample that should not stop a run (a broken image, a prompt too long for the context, an
@@ -73,7 +73,7 @@ def run_benchmark(
     ``None`` when another process of a sharded run will write it.
 
     Args:
-        predictor: the model (:class:`~eval.predictor.Predictor`); or
+        predictor: the model (:class:`~vila_hd.eval.predictor.Predictor`); or
         replies: saved replies by sample id, scored without a model (re-scoring, planted predictions).
         generation: options passed to the predictor on every call (max_new_tokens, steps / tokens, mode...).
         limit: only the first ``limit`` samples of the benchmark.

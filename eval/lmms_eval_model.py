@@ -3,10 +3,10 @@
 lmms-eval is an optional extra (``pip install lmms-eval``); nothing here imports it until the class is asked
 for. Run lmms-eval's own CLI with the model registered:
 
-    python -m eval.lmms_eval_model --model vila_hd \\
+    python -m vila_hd.eval.lmms_eval_model --model vila_hd \\
         --model_args pretrained=nvidia/VILA-HD-8B-PS3-4K-SigLIP2,steps=6 --tasks vstar_bench,hrbench --batch_size 1
 
-or, in Python, ``eval.lmms_eval_model.register()`` before calling lmms-eval's ``cli_evaluate``.
+or, in Python, ``vila_hd.eval.lmms_eval_model.register()`` before calling lmms-eval's ``cli_evaluate``.
 
 ``model_args``: ``pretrained`` (directory or Hub id), ``adapter``, ``device``, ``dtype``, ``device_map``,
 ``steps`` / ``tokens`` (selection budget), ``mode`` (top-down / bottom-up), ``max_new_tokens`` (default when the
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 MODEL_NAME = "vila_hd"
-CLASS_PATH = "eval.lmms_eval_model.VilaHDLmms"
+CLASS_PATH = "vila_hd.eval.lmms_eval_model.VilaHDLmms"
 _GENERATION_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k"}
 
 
@@ -45,7 +45,7 @@ def build_model_class(base: type | None = None) -> type:
                      mode: str | None = None, max_new_tokens: int = 128, batch_size: int = 1,
                      predictor: Any = None, **unused: Any):
             super().__init__()
-            from eval.harness import distributed_rank_world
+            from vila_hd.eval.harness import distributed_rank_world
 
             self._rank, self._world_size = distributed_rank_world()
             if predictor is None:
@@ -116,8 +116,8 @@ def build_model_class(base: type | None = None) -> type:
 
 
 def _load_predictor(pretrained, adapter, device, dtype, device_map):
-    from eval.predictor import EnginePredictor
     from vila_hd.engine import Engine
+    from vila_hd.eval.predictor import EnginePredictor
 
     if device is None and device_map is None and "LOCAL_RANK" in os.environ:
         import torch

@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from eval.answers import normalize_vqa_answer
+from vila_hd.eval.answers import normalize_vqa_answer
 
 OPEN_METRICS = ("exact", "contains", "vqa")
 
@@ -15,7 +15,7 @@ OPEN_METRICS = ("exact", "contains", "vqa")
 def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """TextVQA / VQAv2 accuracy of one prediction against its human answers (usually 10).
 
-    Both sides are normalised with :func:`~eval.answers.normalize_vqa_answer`; the score is
+    Both sides are normalised with :func:`~vila_hd.eval.answers.normalize_vqa_answer`; the score is
     ``min(1, matches / 3)`` averaged over the leave-one-annotator-out subsets: with 10 answers, a prediction
     given by 1 / 2 / 3 / 4+ annotators scores 0.3 / 0.6 / 0.9 / 1.0.
     """

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.benchmarks.base import Benchmark, FormatError, Sample, read_jsonl, read_tsv, sample_id, utf8_text
+from vila_hd.eval.benchmarks.base import Benchmark, FormatError, Sample, read_jsonl, read_tsv, sample_id, utf8_text
 
 REPLY_FORMATS = ("auto", "vila-hd", "lmms-eval", "vlmevalkit", "mme-realworld", "llava")
 REPLY_KEYS = ("prediction", "text", "response", "output", "answer")

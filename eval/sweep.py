@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.benchmarks.base import Benchmark
-from eval.harness import run_benchmark
-from eval.plot import Series, line_chart
+from vila_hd.eval.benchmarks.base import Benchmark
+from vila_hd.eval.harness import run_benchmark
+from vila_hd.eval.plot import Series, line_chart
 
 BUDGET_KEYS = {"steps": "steps", "num_look_close": "steps", "tokens": "tokens", "num_token_look_close": "tokens"}
 
@@ -51,7 +51,7 @@ def budget_name(budget: Mapping[str, Any]) -> str:
 
 def run_sweep(benchmark: Benchmark, output_dir: str | os.PathLike, budgets: Sequence[Mapping[str, Any]], *,
               generation: Mapping[str, Any] | None = None, **run_kwargs: Any) -> dict[str, Any] | None:
-    """Run ``benchmark`` once per budget (``run_kwargs`` as for :func:`~eval.harness.run_benchmark`) and write
+    """Run ``benchmark`` once per budget (``run_kwargs`` as for :func:`~vila_hd.eval.harness.run_benchmark`) and write
     the sweep table and plot; returns the sweep summary, or ``None`` while budgets of a sharded run are still
     being finished by other processes."""
     out = Path(output_dir)

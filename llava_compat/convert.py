@@ -71,8 +71,8 @@ def resolve_source(src: str) -> str:
     """The local directory of checkpoint ``src`` (a Hub id is downloaded: metadata and safetensors only), checked
     to be one of the two layouts. A local-looking path that is a file or missing is an error, never a Hub
     request; a directory without ``config.json`` or without weights is refused with one line."""
-    from llava_compat.vila_checkpoint import is_vila_checkpoint
-    from vila_hd.model.hub import refuse_pickled_weights, resolve_checkpoint
+    from vila_hd.compat.vila_checkpoint import is_vila_checkpoint
+    from vila_hd.hub import refuse_pickled_weights, resolve_checkpoint
 
     path = resolve_checkpoint(src, "checkpoint")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -93,8 +93,8 @@ def convert(
 ) -> None:
     """Load ``src`` (either layout) and write it to ``dst`` in layout ``to`` (``vila`` or ``hf``);
     ``max_shard_size``: bytes, or a size string as transformers reads it (``"5GB"``)."""
-    from llava_compat.vila_checkpoint import export_vila_checkpoint
     from vila_hd.cli import check_chat_template, naming_model
+    from vila_hd.compat.vila_checkpoint import export_vila_checkpoint
     from vila_hd.errors import naming_file
     from vila_hd.model import VilaHDForConditionalGeneration
     from vila_hd.processing import VilaHDProcessor

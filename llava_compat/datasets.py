@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_compat.conversation import IMAGE_TOKEN, flatten_messages, llava_to_messages
+from vila_hd.compat.conversation import IMAGE_TOKEN, flatten_messages, llava_to_messages
 from vila_hd.errors import FileFormatError, describe
 
 FORMATS = ("llava", "messages")

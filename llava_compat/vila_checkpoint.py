@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vila_hd.model.hub import CheckpointError
+from vila_hd.hub import CheckpointError
 
 VILA_MODEL_TYPES = ("llava_topdown_llama", "llava_llama", "llava")
 VILA_PROJECTOR_NAMES = {
@@ -52,7 +52,7 @@ def is_vila_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def _check_layout(path: str) -> dict[str, Any]:
-    from vila_hd.model.hub import refuse_custom_code
+    from vila_hd.hub import refuse_custom_code
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"VILA checkpoint directory {path} does not exist")
@@ -167,7 +167,7 @@ def _dtype_kwargs(dtype) -> dict[str, Any]:
 def _check_part(part: str, info: dict[str, Any], path: str, allow_missing_keys, allow_unexpected_keys) -> None:
     """Raise on the part's missing / unexpected / mis-shaped tensors, named as keys of the combined model
     (``language_model.*``, ``vision_tower.*``, ``mm_projector.*``: the patterns of our single-directory format)."""
-    from vila_hd.model.hub import check_loading_info
+    from vila_hd.hub import check_loading_info
 
     prefix = _PART_PREFIX[part]
     named = {
@@ -221,7 +221,7 @@ def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     ``allow_unexpected_keys`` (regular expressions searched in those names) allow them explicitly."""
     from transformers import AutoModelForCausalLM
 
-    from vila_hd.model.hub import quiet_load_report, refuse_pickled_weights
+    from vila_hd.hub import quiet_load_report, refuse_pickled_weights
     from vila_hd.model.modeling import VilaHDForConditionalGeneration, default_attn_implementation
     from vila_hd.ps3 import PS3VisionModel
 

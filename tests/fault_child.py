@@ -24,8 +24,8 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(1)
-    import train.checkpoint as ckpt
-    from train import trainer
+    import vila_hd.train.checkpoint as ckpt
+    from vila_hd.train import trainer
 
     log = open(f"{events_prefix}.rank{rank}", "a", buffering=1)
 
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         return result
 
     trainer.Trainer._optimizer_step = counted
-    from train.cli import train_main
+    from vila_hd.train.cli import train_main
 
     return train_main([config]) or 0
 

@@ -29,7 +29,7 @@ from train_helpers import fresh_job_env, losses, make_dataset, one_thread, stage
 
 pytest.importorskip("deepspeed")
 
-from train import checkpoint as ckpt  # noqa: E402
+from vila_hd.train import checkpoint as ckpt  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -56,8 +56,8 @@ def recipe(data: str, out: str, **overrides) -> dict:
 
 
 def run(cfg: dict):
-    from train.config import stage_from_dict
-    from train.stage import run_stage
+    from vila_hd.train.config import stage_from_dict
+    from vila_hd.train.stage import run_stage
 
     return run_stage(stage_from_dict(cfg))
 
@@ -482,7 +482,7 @@ out, root_dir = sys.argv[1], sys.argv[2]
 sys.path.insert(0, root_dir)
 import torch, torch.distributed as dist
 dist.init_process_group("gloo")
-from train import checkpoint as ckpt
+from vila_hd.train import checkpoint as ckpt
 rank = dist.get_rank()
 
 class Engine:

@@ -97,9 +97,9 @@ def engine(tiny_checkpoint):
 
 # --- argument wiring (in process: what every model-loading command hands to vila_hd.cli.load_engine) ---------------
 def test_every_model_loading_command_parses_what_load_engine_reads():
-    from eval.cli import build_eval_parser
     from vila_hd import cli
     from vila_hd.engine import ServingLimits
+    from vila_hd.eval.cli import build_eval_parser
 
     parsed = {
         "chat": cli.build_parser().parse_args(["chat", "--model", "m"]),
@@ -250,7 +250,7 @@ def test_eval_sweep_runs_each_budget(vila_hd, synth, tiny_checkpoint, tmp_path):
 # --- train, finetune-lora -> merge-lora ------------------------------------------------------------------------
 @needs_deepspeed
 def test_train_writes_a_checkpoint_from_its_recipe(vila_hd, tiny_checkpoint, tmp_path):
-    from train.config import part_of
+    from vila_hd.train.config import part_of
 
     data = make_dataset(str(tmp_path / "data"), n=4)
     out = tmp_path / "run"
@@ -308,7 +308,7 @@ def test_merge_lora_output_loads_and_answers_like_the_adapter(vila_hd, finetuned
 
 # --- convert both ways ------------------------------------------------------------------------------------------
 def test_convert_round_trip_gives_the_same_logits(vila_hd, tiny_checkpoint, image, tmp_path):
-    from llava_compat.vila_checkpoint import is_vila_checkpoint
+    from vila_hd.compat.vila_checkpoint import is_vila_checkpoint
 
     vila, hf = tmp_path / "vila", tmp_path / "hf"
     proc = succeeded(vila_hd("convert", "--to", "vila", tiny_checkpoint, vila))

@@ -81,7 +81,7 @@ def test_train_refuses_nonsense_recipe_values(capsys, recipe, tmp_path, override
 
 
 def test_recipe_values_of_the_right_type_are_kept(recipe):
-    from train.config import load_stage
+    from vila_hd.train.config import load_stage
 
     config = load_stage(recipe, ["max_steps=3", "trainable.projector=2e-5", "optim.betas=[0.8, 0.9]",
                                  "data.num_workers=0", "seed=18446744073709551615"])
@@ -208,12 +208,12 @@ def test_debug_shows_the_traceback_of_a_user_error(recipe):
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    import train.cli
+    import vila_hd.train.cli
 
     def broken(argv):
         return {}["missing"]
 
-    monkeypatch.setattr(train.cli, "merge_lora_main", broken)
+    monkeypatch.setattr(vila_hd.train.cli, "merge_lora_main", broken)
     with pytest.raises(KeyError):
         cli.main(["merge-lora", "--adapter", "a", "--out", "b"])
     assert not errors.is_user_error(TypeError("x")) and not errors.is_user_error(AttributeError("y"))
@@ -230,7 +230,7 @@ def test_a_value_error_from_a_library_is_a_bug_but_ours_is_a_refusal():
         int("x")
     except ValueError as err:
         assert not errors.is_user_error(err)  # raised inside Python, not by project code
-    from train.config import stage_from_dict
+    from vila_hd.train.config import stage_from_dict
 
     with pytest.raises(ValueError) as info:
         stage_from_dict({"init": {"preset": "tiny"}, "precision": "fp8"})
@@ -276,21 +276,21 @@ def test_executable_full_disk_on_dev_full(tmp_path):
 
 
 def test_project_error_types_are_user_errors(capsys, monkeypatch):
-    from eval.benchmarks.base import FormatError
-    from eval.harness import MissingRepliesError
-    from train.checkpoint import UnsafeCheckpointError
-    from train.pretrain.data import RecordError
+    from vila_hd.eval.benchmarks.base import FormatError
+    from vila_hd.eval.harness import MissingRepliesError
     from vila_hd.images import ImageLoadError
+    from vila_hd.train.checkpoint import UnsafeCheckpointError
+    from vila_hd.train.pretrain.data import RecordError
 
     for kind in (FormatError, MissingRepliesError, UnsafeCheckpointError, RecordError, ImageLoadError):
         assert issubclass(kind, errors.VilaHDError) and issubclass(kind, ValueError), kind
     assert issubclass(UnsafeCheckpointError, RuntimeError)  # what callers caught before
-    import train.cli
+    import vila_hd.train.cli
 
     def refuse(argv):
         raise UnsafeCheckpointError("/ckpt/step_2/model_states.pt holds objects other than tensors")
 
-    monkeypatch.setattr(train.cli, "merge_lora_main", refuse)
+    monkeypatch.setattr(vila_hd.train.cli, "merge_lora_main", refuse)
     code, err = run_main(capsys, "merge-lora", "--adapter", "a", "--out", "b")
     assert code == 1
     one_error_line(err, "/ckpt/step_2/model_states.pt holds objects other than tensors")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jinja2
 import pytest
 
-from llava_compat.conversation import (
+from vila_hd.compat.conversation import (
     CHATML_TEMPLATE,
     KNOWN_TEMPLATES,
     LLAMA3_TEMPLATE,

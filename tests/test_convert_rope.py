@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from llava_compat.convert import convert
+from vila_hd.compat.convert import convert
 
 CASES = {
     "plain": {"rope_theta": 1e6},
@@ -47,7 +47,7 @@ def test_vila_export_writes_legacy_rope_fields(tmp_path, case):
     if case == "yarn":
         assert llm["rope_scaling"]["original_max_position_embeddings"] == 1024
     # The export still loads back (transformers 5 reads rope_parameters) with the same RoPE.
-    from llava_compat.vila_checkpoint import load_vila_model
+    from vila_hd.compat.vila_checkpoint import load_vila_model
 
     back = load_vila_model(str(dst))
     assert back.language_model.config.rope_parameters == source

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from train_helpers import fresh_job_env
 
-from vila_hd.model.hub import CustomCodeError
+from vila_hd.hub import CustomCodeError
 
 EXE = os.path.join(os.path.dirname(sys.executable), "vila-hd")
 ERROR_LINE = re.compile(r"^vila-hd( [a-z-]+)*: error: ")
@@ -81,7 +81,7 @@ def checkpoint(tiny_checkpoint, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def vila_original(tiny, tmp_path_factory) -> Path:
-    from llava_compat.vila_checkpoint import export_vila_checkpoint
+    from vila_hd.compat.vila_checkpoint import export_vila_checkpoint
 
     root = tmp_path_factory.mktemp("vila") / "ckpt"
     export_vila_checkpoint(*tiny, root)
@@ -172,10 +172,10 @@ def test_data_check_refuses_a_checkpoint_naming_custom_code(planted, tmp_path, m
 # --- the library's loaders ----------------------------------------------------------------------------------------
 def _loaders():
     import vila_hd
-    from llava_compat.vila_checkpoint import load_vila_model, load_vila_processor, read_vila_config
+    from vila_hd.compat.vila_checkpoint import load_vila_model, load_vila_processor, read_vila_config
     from vila_hd.engine import load_model
+    from vila_hd.hub import resolve_model_dir
     from vila_hd.model import VilaHDForConditionalGeneration
-    from vila_hd.model.hub import resolve_model_dir
     from vila_hd.processing import VilaHDProcessor
 
     return {
@@ -231,9 +231,9 @@ def test_ps3_loaders_refuse_a_planted_directory(ps3_dir, where, marker, reliabil
 
 def test_builder_and_stage_init_refuse_a_planted_llm(tiny, ps3_dir, tmp_path, marker):
     """The start of stage 1 (``init: {ps3, llm}``): the LLM directory is checked before transformers reads it."""
-    from train.config import InitConfig, StageConfig
-    from train.stage import load_init_processor
     from vila_hd.model.builder import build_vila_hd
+    from vila_hd.train.config import InitConfig, StageConfig
+    from vila_hd.train.stage import load_init_processor
 
     llm = tmp_path / "llm"
     tiny[0].language_model.save_pretrained(llm)
@@ -247,7 +247,7 @@ def test_builder_and_stage_init_refuse_a_planted_llm(tiny, ps3_dir, tmp_path, ma
 
 def test_an_adapter_directory_naming_custom_code_is_refused(checkpoint, tmp_path, marker):
     from vila_hd.engine import load_model
-    from vila_hd.model.hub import refuse_unsafe_adapter
+    from vila_hd.hub import refuse_unsafe_adapter
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -273,7 +273,7 @@ def test_asking_for_remote_code_is_refused(checkpoint):
 def test_an_empty_auto_map_and_unreadable_configs_are_left_alone(checkpoint):
     """``auto_map: {}`` names no code (transformers writes none); a config that does not parse is the loader's to
     report (see tests/test_cli_errors.py), not a custom-code refusal."""
-    from vila_hd.model.hub import refuse_custom_code
+    from vila_hd.hub import refuse_custom_code
 
     data = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps({**data, "auto_map": {}}))
@@ -282,7 +282,7 @@ def test_an_empty_auto_map_and_unreadable_configs_are_left_alone(checkpoint):
 
 
 def test_hub_style_references_name_the_repository(tmp_path):
-    from vila_hd.model.hub import refuse_custom_code
+    from vila_hd.hub import refuse_custom_code
 
     (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "someone/repo--modeling.Evil"}}))
     with pytest.raises(CustomCodeError, match=r"\(someone/repo: modeling\.py\)"):

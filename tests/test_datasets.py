@@ -1,4 +1,4 @@
-"""llava_compat.datasets: LLaVA JSON/JSONL, messages datasets, registry YAML, mixtures."""
+"""vila_hd.compat.datasets: LLaVA JSON/JSONL, messages datasets, registry YAML, mixtures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from llava_compat import datasets as ds
+from vila_hd.compat import datasets as ds
 
 
 def _write(path, data):

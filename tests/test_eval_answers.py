@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval.answers import (
+from vila_hd.eval.answers import (
     VQA_CONTRACTIONS,
     lmms_eval_mcq_letter,
     lmms_eval_vstar_letter,
@@ -14,7 +14,7 @@ from eval.answers import (
     realworldqa_legacy_prediction,
     vlmevalkit_can_infer,
 )
-from eval.metrics import open_answer_score, percentile, vqa_soft_accuracy
+from vila_hd.eval.metrics import open_answer_score, percentile, vqa_soft_accuracy
 
 OPTIONS = {"A": "blue", "B": "red", "C": "green", "D": "yellow"}
 

@@ -11,11 +11,11 @@ import sys
 import pytest
 from PIL import Image
 
-from eval.benchmarks import FormatError, build_benchmark
-from eval.benchmarks.hrbench import HRBench, report_acc_hrbench
-from eval.benchmarks.vstar import split_vstar_text
-from eval.harness import run_benchmark
-from eval.replies import load_replies
+from vila_hd.eval.benchmarks import FormatError, build_benchmark
+from vila_hd.eval.benchmarks.hrbench import HRBench, report_acc_hrbench
+from vila_hd.eval.benchmarks.vstar import split_vstar_text
+from vila_hd.eval.harness import run_benchmark
+from vila_hd.eval.replies import load_replies
 
 
 def write_image(path, size=(64, 48), colour=(200, 30, 30), fmt="JPEG"):
@@ -549,7 +549,7 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
         build_benchmark("hrbench", str(path)).samples()
 
 
-# --- saved predictions of other ecosystems (eval.replies) ----------------------------------------------------
+# --- saved predictions of other ecosystems (vila_hd.eval.replies) ----------------------------------------------------
 def test_lmms_eval_samples_log_is_rescored_from_the_raw_reply(tmp_path):
     """An lmms-eval ``*_samples_vstar_bench.jsonl`` (lmms_eval/loggers/evaluation_tracker.py, commit 75571cf:
     ``resps`` dropped when equal to ``filtered_resps``, one-element lists flattened; older logs nest them)."""

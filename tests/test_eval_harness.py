@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from tolerances import fp_approx
 
-from eval.benchmarks import build_benchmark
-from eval.cli import eval_main, read_replies
-from eval.harness import MissingRepliesError, read_parts, run_benchmark
-from eval.predictor import Prediction
-from eval.sweep import parse_budgets, run_sweep
+from vila_hd.eval.benchmarks import build_benchmark
+from vila_hd.eval.cli import eval_main, read_replies
+from vila_hd.eval.harness import MissingRepliesError, read_parts, run_benchmark
+from vila_hd.eval.predictor import Prediction
+from vila_hd.eval.sweep import parse_budgets, run_sweep
 
 N = 7
 
@@ -305,15 +305,15 @@ def test_cli_errors(tmp_path, capsys):
 # --- the real engine on a tiny random model ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_predictor(tiny):
-    from eval.predictor import EnginePredictor
     from vila_hd.engine import Engine, GenerationOptions
+    from vila_hd.eval.predictor import EnginePredictor
 
     model, processor = tiny
     return EnginePredictor(Engine(model, processor, GenerationOptions(max_new_tokens=3)))
 
 
 def test_engine_predictor_on_synthetic_samples(tmp_path, tiny_predictor):
-    from eval.synthetic import SynthConfig, generate
+    from vila_hd.eval.synthetic import SynthConfig, generate
 
     generate(SynthConfig(image_size=448, low_res=112, train=0, test=3, mc_fraction=1.0), tmp_path)
     bench = build_benchmark("jsonl", str(tmp_path / "test_eval.jsonl"))
@@ -368,7 +368,7 @@ def test_continuation_losses_equal_a_full_forward_per_continuation(tiny_predicto
 
 
 def test_engine_predictor_answers_a_batch_as_it_answers_each_sample(tmp_path, tiny_predictor):
-    from eval.synthetic import SynthConfig, generate
+    from vila_hd.eval.synthetic import SynthConfig, generate
 
     generate(SynthConfig(image_size=448, low_res=112, train=0, test=3, mc_fraction=1.0), tmp_path)
     bench = build_benchmark("jsonl", str(tmp_path / "test_eval.jsonl"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from PIL import Image
 
-from eval.predictor import Prediction
+from vila_hd.eval.predictor import Prediction
 
 
 class StubLmms(abc.ABC):
@@ -64,7 +64,7 @@ def stub_lmms_eval(monkeypatch):
     modules["lmms_eval.models"].AVAILABLE_SIMPLE_MODELS = {}
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    import eval.lmms_eval_model as adapter
+    import vila_hd.eval.lmms_eval_model as adapter
 
     monkeypatch.setattr(adapter, "_CLASS", None)
     return registry, modules["lmms_eval.models"].AVAILABLE_SIMPLE_MODELS
@@ -90,15 +90,15 @@ class FakePredictor:
 
 def test_model_class_is_built_lazily_and_registered(stub_lmms_eval):
     registry, table = stub_lmms_eval
-    adapter = importlib.import_module("eval.lmms_eval_model")
+    adapter = importlib.import_module("vila_hd.eval.lmms_eval_model")
     cls = adapter.register()
     assert issubclass(cls, StubLmms) and registry["vila_hd"] is cls
-    assert table["vila_hd"] == "eval.lmms_eval_model.VilaHDLmms"
+    assert table["vila_hd"] == "vila_hd.eval.lmms_eval_model.VilaHDLmms"
     assert adapter.VilaHDLmms is cls  # the dotted path lmms-eval imports resolves to the same class
 
 
 def test_generate_until_and_loglikelihood(stub_lmms_eval):
-    adapter = importlib.import_module("eval.lmms_eval_model")
+    adapter = importlib.import_module("vila_hd.eval.lmms_eval_model")
     predictor = FakePredictor()
     model = adapter.VilaHDLmms(predictor=predictor, steps="4", mode="top-down", max_new_tokens="32")
     image = Image.new("RGB", (32, 32))
@@ -127,7 +127,7 @@ def test_generate_until_and_loglikelihood(stub_lmms_eval):
 
 
 def test_video_inputs_are_refused(stub_lmms_eval):
-    adapter = importlib.import_module("eval.lmms_eval_model")
+    adapter = importlib.import_module("vila_hd.eval.lmms_eval_model")
     model = adapter.VilaHDLmms(predictor=FakePredictor())
     model.task_dict = {"t": {"s": {0: {}}}}
     with pytest.raises(ValueError, match="video"):
@@ -135,7 +135,7 @@ def test_video_inputs_are_refused(stub_lmms_eval):
 
 
 def test_missing_lmms_eval_is_a_clear_error(monkeypatch):
-    adapter = importlib.import_module("eval.lmms_eval_model")
+    adapter = importlib.import_module("vila_hd.eval.lmms_eval_model")
     monkeypatch.setitem(sys.modules, "lmms_eval", None)  # makes `import lmms_eval...` fail
     monkeypatch.setattr(adapter, "_CLASS", None)
     with pytest.raises(ImportError, match="pip install lmms-eval"):

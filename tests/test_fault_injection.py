@@ -146,7 +146,7 @@ def check_checkpoints(out: str) -> str | None:
     with open(latest) as f:
         name = f.read()
     assert name.startswith("step_") and complete(os.path.join(root, name)), f"latest names {name!r}"
-    from train.checkpoint import find_latest
+    from vila_hd.train.checkpoint import find_latest
 
     assert find_latest(out) == os.path.join(root, name)
     return name
@@ -254,9 +254,9 @@ def _single_process_env():
 def test_failing_checkpoint_writer_leaves_the_previous_checkpoint_usable(data, tmp_path, monkeypatch, reliability):
     """ENOSPC on the 3rd file of the step-4 checkpoint: the save fails loudly, step 2 stays complete and named by
     ``latest``; a restart resumes from it and ends where an uninterrupted run does."""
-    from train import checkpoint as ckpt
-    from train.config import stage_from_dict
-    from train.stage import run_stage
+    from vila_hd.train import checkpoint as ckpt
+    from vila_hd.train.config import stage_from_dict
+    from vila_hd.train.stage import run_stage
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -356,7 +356,7 @@ def test_a_kill_while_old_checkpoints_are_deleted_leaves_no_half_deleted_step(tm
     """Pruning (and replacing a re-saved step) renames a checkpoint away in one step before deleting it: a kill
     in the middle of the deletion leaves a ``.tmp-`` directory, removed at the next start, never a partial
     ``step_*`` that could look complete."""
-    from train import checkpoint as ckpt
+    from vila_hd.train import checkpoint as ckpt
 
     out = str(tmp_path)
     root = ckpt.checkpoint_root(out)

@@ -2,7 +2,7 @@
 surrogates, placeholder / image mismatches, absolute paths and ``..`` escapes, symlink loops, FIFOs.
 
 The properties:
-- ``data check`` reports every bad record with a reason from ``llava_compat.datasets.REASONS`` and never crashes;
+- ``data check`` reports every bad record with a reason from ``vila_hd.compat.datasets.REASONS`` and never crashes;
 - training's dataset skips exactly the records ``data check`` reports, with the same reason, and never raises;
 - a short training run on a file of planted bad records finishes and its skip counters equal the planted counts.
 
@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from llava_compat import datasets as ds
-from train.data.check import check_sample, check_sources
-from train.data.dataset import EncodedSample, SampleEncoder, SkippedSample, TrainingDataset
+from vila_hd.compat import datasets as ds
 from vila_hd.model.tiny import build_tiny_processor
+from vila_hd.train.data.check import check_sample, check_sources
+from vila_hd.train.data.dataset import EncodedSample, SampleEncoder, SkippedSample, TrainingDataset
 
 GOOD_TURNS = [{"from": "human", "value": "<image>\nWhat color is the car?"}, {"from": "gpt", "value": "Red."}]
 
@@ -362,8 +362,8 @@ def test_training_skips_and_counts_bad_records(media, tmp_path, reliability):
     pytest.importorskip("deepspeed")
     from train_helpers import losses, stage_dict
 
-    from train.config import stage_from_dict
-    from train.stage import run_stage
+    from vila_hd.train.config import stage_from_dict
+    from vila_hd.train.stage import run_stage
 
     good = [{"id": f"g{i}", "image": "a.png" if i % 2 else "b.jpg", "conversations": GOOD_TURNS} for i in range(13)]
     lines = [json.dumps(r).encode() for r in good + [r for r, _ in PLANTED]]
@@ -393,7 +393,7 @@ def test_training_skips_and_counts_bad_records(media, tmp_path, reliability):
 
 
 def test_data_check_command(media, tmp_path, capsys):
-    from train.cli import data_main
+    from vila_hd.train.cli import data_main
 
     secret = os.path.join(os.path.dirname(media), "secret.png")
     rows = [{"id": "ok", "image": "a.png", "conversations": GOOD_TURNS},
@@ -422,7 +422,7 @@ def test_data_check_command(media, tmp_path, capsys):
 def test_without_media_paths_are_relative_to_the_data_file_and_stay_inside(media, tmp_path, monkeypatch):
     """No --media: image paths resolve against the data file's folder (not the current directory) and a ``../``
     escape out of it is refused, also when `data check` runs from that folder; --allow-outside-media lets it in."""
-    from train.cli import data_main
+    from vila_hd.train.cli import data_main
 
     data_dir = os.path.dirname(media)  # holds secret.png, next to the media folder
     rows = [{"id": "ok", "image": "media/a.png", "conversations": GOOD_TURNS},

@@ -125,10 +125,10 @@ def test_the_training_forward_and_look_close_never_synchronise_on_cuda(tmp_path)
     waits for the device (including blocking copies from the host)."""
     from train_helpers import step_samples
 
-    from train.data.collate import Collator
-    from train.model_step import VilaHDTrainStep
-    from train.trainer import _to_device
     from vila_hd.model.tiny import build_tiny_model
+    from vila_hd.train.data.collate import Collator
+    from vila_hd.train.model_step import VilaHDTrainStep
+    from vila_hd.train.trainer import _to_device
 
     model, processor = build_tiny_model("tiny", seed=3)
     model = model.cuda().train()

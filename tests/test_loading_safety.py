@@ -120,7 +120,7 @@ def test_ps3_from_pretrained_refuses_pickles(tiny, tmp_path, marker):
 
 @pytest.mark.parametrize("part", ["llm", "vision_tower", "mm_projector"])
 def test_vila_layout_loader_refuses_pickles(tiny, tmp_path, marker, part):
-    from llava_compat.vila_checkpoint import CheckpointError, export_vila_checkpoint, load_vila_model
+    from vila_hd.compat.vila_checkpoint import CheckpointError, export_vila_checkpoint, load_vila_model
     from vila_hd.model import VilaHDForConditionalGeneration
 
     path = str(tmp_path / "vila")
@@ -164,7 +164,7 @@ def deepspeed_engine():
     pytest.importorskip("deepspeed")
     import deepspeed
 
-    from train.trainer import init_distributed
+    from vila_hd.train.trainer import init_distributed
 
     init_distributed()
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def deepspeed_engine():
                                     "engine/zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng/rank_00000.pt"])
 @pytest.mark.parametrize("legacy", [False, True])
 def test_training_resume_refuses_planted_pickles(deepspeed_engine, tmp_path, marker, target, legacy):
-    from train import checkpoint as ckpt
+    from vila_hd.train import checkpoint as ckpt
 
     out = str(tmp_path / "run")
     path = ckpt.save(deepspeed_engine, out, 1, {"note": "test"})
@@ -367,10 +367,10 @@ def no_hub(monkeypatch):
 
 def _entry_points():
     import vila_hd
-    from llava_compat.vila_checkpoint import load_vila_model
+    from vila_hd.compat.vila_checkpoint import load_vila_model
     from vila_hd.engine import load_model
+    from vila_hd.hub import resolve_model_dir
     from vila_hd.model import VilaHDForConditionalGeneration
-    from vila_hd.model.hub import resolve_model_dir
     from vila_hd.processing import VilaHDProcessor
     from vila_hd.ps3 import PS3ImageProcessor, PS3Model, PS3Tokenizer, PS3VisionModel
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.data.prefix import prefix_plan
+from vila_hd.train.data.prefix import prefix_plan
 
 LOW, HIGH = 2, 3  # tokens per image: low-res, then high-res
 

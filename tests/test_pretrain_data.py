@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from train.pretrain.data import (
+from vila_hd.train.pretrain.data import (
     BoxCaptionDataset,
     RecordError,
     box_maps_for_grids,
@@ -23,7 +23,7 @@ from train.pretrain.data import (
     read_jsonl,
     sample_crop,
 )
-from train.pretrain.synthetic import make_records, write_dataset
+from vila_hd.train.pretrain.synthetic import make_records, write_dataset
 
 
 def fake_tokenizer(texts):

@@ -11,10 +11,10 @@ from safetensors import safe_open
 from tolerances import assert_fp_close
 from train_helpers import one_thread  # noqa: F401 (fixture)
 
-from train.pretrain.init import export_ps3, init_from_ps3, init_from_siglip, load_safetensors_dir
-from train.pretrain.model import PS3ForPretraining
-from train.pretrain.synthetic import tiny_ps3_config
 from vila_hd.ps3 import PS3Model, PS3TextModel, PS3VisionModel
+from vila_hd.train.pretrain.init import export_ps3, init_from_ps3, init_from_siglip, load_safetensors_dir
+from vila_hd.train.pretrain.model import PS3ForPretraining
+from vila_hd.train.pretrain.synthetic import tiny_ps3_config
 
 TEXT_VOCAB, TEXT_CONTEXT = 40, 8
 

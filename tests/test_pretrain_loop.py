@@ -13,11 +13,11 @@ from train_helpers import fresh_job_env, one_thread  # noqa: F401 (fixture)
 
 pytest.importorskip("deepspeed")
 
-from train.pretrain.config import load_pretrain_config, pretrain_config_from_dict  # noqa: E402
-from train.pretrain.init import init_from_ps3  # noqa: E402
-from train.pretrain.loop import base_config, build_model, pretrain_main, run_pretrain  # noqa: E402
-from train.pretrain.model import SELECTION_MODULES  # noqa: E402
 from vila_hd.ps3 import PS3Model  # noqa: E402
+from vila_hd.train.pretrain.config import load_pretrain_config, pretrain_config_from_dict  # noqa: E402
+from vila_hd.train.pretrain.init import init_from_ps3  # noqa: E402
+from vila_hd.train.pretrain.loop import base_config, build_model, pretrain_main, run_pretrain  # noqa: E402
+from vila_hd.train.pretrain.model import SELECTION_MODULES  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "ps3", "tiny_demo.yaml")
@@ -74,8 +74,8 @@ def test_bad_recipes_name_the_key(data, match):
 def test_compiled_blocks_give_the_eager_pretraining_loss(tmp_path):
     """`compile: {enabled: true}` compiles the PS3 trunk and text tower blocks in place; one forward/backward gives
     the eager loss and gradients (aot_eager: dynamo + AOT autograd without code generation, quick on a CPU)."""
-    from train.compile import is_compiled
-    from train.pretrain.model import pretrain_loss
+    from vila_hd.train.compile import is_compiled
+    from vila_hd.train.pretrain.model import pretrain_loss
 
     torch._dynamo.reset()
     eager_cfg = tiny(tmp_path / "e", "precision=fp32")
@@ -189,7 +189,7 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "train.pretrain.loop", str(path), *sum((["--set", s] for s in recipe(two, 4)), [])]
+           "-m", "vila_hd.train.pretrain.loop", str(path), *sum((["--set", s] for s in recipe(two, 4)), [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -230,8 +230,8 @@ class _Data:
 
 @pytest.mark.parametrize("tokens", [True, False])
 def test_tokens_per_s_is_logged_only_for_data_that_counts_tokens(tmp_path, tokens):
-    from train.pretrain.loop import _deepspeed_template
-    from train.trainer import Trainer, TrainerSettings
+    from vila_hd.train.pretrain.loop import _deepspeed_template
+    from vila_hd.train.trainer import Trainer, TrainerSettings
 
     module = _Sums()
     settings = TrainerSettings(output_dir=str(tmp_path), deepspeed_config=_deepspeed_template("zero2"),

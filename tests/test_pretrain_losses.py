@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tolerances import assert_fp_close
 
-from train.pretrain.losses import selection_bce, siglip_loss
+from vila_hd.train.pretrain.losses import selection_bce, siglip_loss
 
 N, DIM, SCALE, BIAS = 6, 8, 7.5, -3.0
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from tolerances import assert_fp_close
 from train_helpers import one_thread  # noqa: F401 (fixture)
 
-from train.pretrain.data import BoxCaptionDataset, collate_box_caption
-from train.pretrain.model import PS3ForPretraining, box_recall, pretrain_loss
-from train.pretrain.synthetic import make_records, tiny_ps3_config, write_word_tokenizer
 from vila_hd.ps3 import PS3Tokenizer
 from vila_hd.ps3.selection import StepSpec, resize_maps
 from vila_hd.ps3.vision import PS3VisionModelOutput
+from vila_hd.train.pretrain.data import BoxCaptionDataset, collate_box_caption
+from vila_hd.train.pretrain.model import PS3ForPretraining, box_recall, pretrain_loss
+from vila_hd.train.pretrain.synthetic import make_records, tiny_ps3_config, write_word_tokenizer
 
 SIZE = 448  # scales 112 / 224 / 448: grids 8, 16, 32; budget 160 = [32, 128]
 
@@ -260,7 +260,7 @@ def test_box_recall_counts_box_patches_among_the_top_k():
 def test_flops_leave_out_the_high_res_step_of_global_captions(is_global, skipped):
     """MFU counts the work done: a global-caption image skips the high-res step (one still runs, as a dummy, when
     every caption is global); selection-only training counts no high-res step at all."""
-    from train.pretrain.loop import pretrain_flops
+    from vila_hd.train.pretrain.loop import pretrain_flops
 
     model = tiny_model()
     vision = model.config.vision_config

@@ -27,8 +27,8 @@ def _settings(config) -> dict:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_qlora_and_4bit_serving_quantise_alike(monkeypatch, dtype):
-    from train.lora import four_bit_config
     from vila_hd.engine import _four_bit_config
+    from vila_hd.train.lora import four_bit_config
 
     monkeypatch.setattr(quantization, "require_four_bit_support", lambda *a, **k: None)
     training = _settings(four_bit_config(dtype))
@@ -42,8 +42,8 @@ def test_qlora_and_4bit_serving_quantise_alike(monkeypatch, dtype):
 def test_four_bit_needs_bitsandbytes_and_a_gpu_and_says_which_setting_asked():
     if torch.cuda.is_available():
         pytest.skip("the refusal is for machines without a CUDA GPU")
-    from train.lora import four_bit_config
     from vila_hd.engine import _four_bit_config
+    from vila_hd.train.lora import four_bit_config
 
     with pytest.raises(ConfigError, match=r"lora\.quantize=4bit \(QLoRA\) needs bitsandbytes and a CUDA GPU"):
         four_bit_config(torch.bfloat16)
@@ -54,7 +54,7 @@ def test_four_bit_needs_bitsandbytes_and_a_gpu_and_says_which_setting_asked():
 def test_merge_lora_refuses_an_adapter_with_only_pickled_weights(tmp_path):
     """The project's own refusal, before the base is loaded and before torch's weights-only unpickler runs."""
     pytest.importorskip("peft")
-    from train.lora import merge_adapter
+    from vila_hd.train.lora import merge_adapter
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

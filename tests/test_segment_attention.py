@@ -86,10 +86,10 @@ def test_a_table_naming_a_missing_row_or_of_the_wrong_shape_is_refused():
 
 def test_the_training_switch_is_not_saved_with_the_model(tmp_path):
     """Segment attention is a training-time choice: a model saved after it loads with its own implementation."""
-    from train.model_step import VilaHDTrainStep
     from vila_hd.model import VilaHDForConditionalGeneration
     from vila_hd.model.attention import SEGMENT_ATTENTION
     from vila_hd.model.tiny import build_tiny_model
+    from vila_hd.train.model_step import VilaHDTrainStep
 
     model, _ = build_tiny_model("tiny")
     VilaHDTrainStep(model, {"num_look_close": 2})
@@ -107,8 +107,8 @@ def test_auto_keeps_llms_whose_attention_is_not_plain_causal():
 
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    from train.model_step import use_segment_attention
     from vila_hd.model.attention import supports_segments
+    from vila_hd.train.model_step import use_segment_attention
 
     assert supports_segments(Qwen2Config()) and supports_segments(LlamaConfig())
     assert not supports_segments(MistralConfig())

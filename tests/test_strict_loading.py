@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from train_helpers import fresh_job_env
 
+from vila_hd.hub import CheckpointError
 from vila_hd.model import VilaHDForConditionalGeneration
-from vila_hd.model.hub import CheckpointError
 
 EXE = os.path.join(os.path.dirname(sys.executable), "vila-hd")
 ERROR_LINE = re.compile(r"^vila-hd( [a-z-]+)*: error: ")
@@ -156,8 +156,8 @@ def test_the_intact_checkpoint_loads_bit_for_bit(checkpoint):
 
 def test_training_init_and_the_engine_refuse_half_a_model(checkpoint):
     """What ``init: {model: DIR}`` (train/stage.py) and ``vila-hd chat`` / ``infer`` / ``eval`` load through."""
-    from train.lora import load_base_model
     from vila_hd.engine import load_model
+    from vila_hd.train.lora import load_base_model
 
     rewrite(checkpoint, without(DROPPED))
     for load in (lambda: load_base_model(str(checkpoint)), lambda: load_model(str(checkpoint), device="cpu")):
@@ -222,7 +222,7 @@ def test_a_full_ps3_checkpoint_fills_either_tower_by_design(tmp_path):
 # --- the VILA layout's LLM (the other parts: tests/test_vila_checkpoint.py) -------------------------------------
 @pytest.fixture
 def vila_dir(tiny, tmp_path) -> Path:
-    from llava_compat.vila_checkpoint import export_vila_checkpoint
+    from vila_hd.compat.vila_checkpoint import export_vila_checkpoint
 
     export_vila_checkpoint(*tiny, tmp_path / "vila")
     return tmp_path / "vila"

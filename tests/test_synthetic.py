@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.benchmarks import build_benchmark
-from eval.cli import synth_main
-from eval.synthetic import (
+from vila_hd.eval.benchmarks import build_benchmark
+from vila_hd.eval.cli import synth_main
+from vila_hd.eval.synthetic import (
     MAX_LOW_RES_PX,
     MIN_LEGIBLE_PX,
     SynthConfig,
@@ -108,7 +108,7 @@ def test_outputs_are_llava_grounded_data_and_an_eval_file(tmp_path):
         if record.get("options"):
             assert sample.options[sample.answer] == record["answer_text"]
     # the reference answers score 100
-    from eval.harness import run_benchmark
+    from vila_hd.eval.harness import run_benchmark
 
     replies = {s.id: (s.answer if s.options else s.answers[0]) for s in samples}
     summary = run_benchmark(bench, tmp_path / "out", replies=replies, progress=False)

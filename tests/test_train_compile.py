@@ -13,12 +13,12 @@ import torch
 from tolerances import assert_fp_close, fp_approx
 from train_helpers import losses, make_dataset, one_thread, stage_dict, step_samples  # noqa: F401
 
-from train.compile import compile_blocks, is_compiled, llm_blocks, vision_blocks
-from train.config import CompileConfig, load_stage, stage_from_dict
-from train.data.collate import Collator
-from train.model_step import VilaHDTrainStep
-from train.stage import enable_gradient_checkpointing
 from vila_hd.model.tiny import build_tiny_model
+from vila_hd.train.compile import compile_blocks, is_compiled, llm_blocks, vision_blocks
+from vila_hd.train.config import CompileConfig, load_stage, stage_from_dict
+from vila_hd.train.data.collate import Collator
+from vila_hd.train.model_step import VilaHDTrainStep
+from vila_hd.train.stage import enable_gradient_checkpointing
 
 LOOK = {"num_look_close": 2}
 ALL_PARTS = {"projector": 1e-3, "prompt_head": 1e-3, "selection": 1e-3, "vision_tower": 1e-3, "llm": 1e-3}
@@ -94,8 +94,8 @@ def test_compile_blocks_compiles_the_block_stacks_and_respects_the_switches():
 
 def test_compile_blocks_finds_the_layers_under_lora():
     pytest.importorskip("peft")
-    from train.config import LoraConfig
-    from train.lora import apply_lora
+    from vila_hd.train.config import LoraConfig
+    from vila_hd.train.lora import apply_lora
 
     model, _ = build_tiny_model("tiny")
     peft_model = apply_lora(model, LoraConfig(r=4, vision_tower=True), ["llm", "projector"])
@@ -127,7 +127,7 @@ def test_the_recipe_parses_the_compile_section_and_names_bad_keys(tmp_path):
 
 def test_a_compiled_stage_trains_like_the_eager_one(tmp_path):
     pytest.importorskip("deepspeed")
-    from train.stage import run_stage
+    from vila_hd.train.stage import run_stage
 
     data = make_dataset(str(tmp_path / "data"), n=4)
     runs = {}

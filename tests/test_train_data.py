@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_compat import datasets as ds
-from llava_compat.conversation import KNOWN_TEMPLATES
-from train.data.collate import Collator
-from train.data.dataset import IGNORE_INDEX, SampleEncoder, SkippedSample, TrainingDataset
-from train.data.packing import pack
+from vila_hd.compat import datasets as ds
+from vila_hd.compat.conversation import KNOWN_TEMPLATES
 from vila_hd.model.tiny import build_tiny_processor
 from vila_hd.processing import VilaHDProcessor
+from vila_hd.train.data.collate import Collator
+from vila_hd.train.data.dataset import IGNORE_INDEX, SampleEncoder, SkippedSample, TrainingDataset
+from vila_hd.train.data.packing import pack
 
 LOOK = {"num_look_close": 2}
 
@@ -182,7 +182,7 @@ def _fixture(tmp_path):
 
 
 def test_data_check_reports_every_planted_bad_sample(tmp_path, capsys):
-    from train.cli import data_main
+    from vila_hd.train.cli import data_main
 
     path, media, planted = _fixture(tmp_path)
     out = tmp_path / "report.json"
@@ -210,8 +210,8 @@ def test_training_skips_the_same_samples_with_the_same_reasons(tmp_path, process
 
 def test_data_check_warns_with_index_and_id(tmp_path, capsys):
     """Samples that train, but maybe not as meant: each warning names the record's index and id."""
-    from train.cli import data_main
-    from train.data import check
+    from vila_hd.train.cli import data_main
+    from vila_hd.train.data import check
 
     media = tmp_path / "media"
     media.mkdir()

@@ -17,8 +17,8 @@ from train_helpers import fresh_job_env, losses, make_dataset, one_thread, stage
 
 pytest.importorskip("deepspeed")
 
-from train.config import part_of, stage_from_dict  # noqa: E402
-from train.stage import run_stage  # noqa: E402
+from vila_hd.train.config import part_of, stage_from_dict  # noqa: E402
+from vila_hd.train.stage import run_stage  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ def torchrun(config: dict, tmp_path, name: str) -> subprocess.CompletedProcess:
     env = fresh_job_env()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "train.cli", "train", str(path)]
+           "-m", "vila_hd.train.cli", "train", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc

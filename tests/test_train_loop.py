@@ -15,9 +15,9 @@ from train_helpers import fresh_job_env, lm_losses, losses, make_dataset, one_th
 
 pytest.importorskip("deepspeed")
 
-from train.config import part_of, stage_from_dict  # noqa: E402
-from train.stage import run_stage  # noqa: E402
 from vila_hd.model.tiny import build_tiny_model  # noqa: E402
+from vila_hd.train.config import part_of, stage_from_dict  # noqa: E402
+from vila_hd.train.stage import run_stage  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,9 +80,9 @@ KILL_SCRIPT = """
 import os, signal, sys, json
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import torch; torch.set_num_threads(1)
-import train.checkpoint as ck
-from train.config import stage_from_dict
-from train.stage import run_stage
+import vila_hd.train.checkpoint as ck
+from vila_hd.train.config import stage_from_dict
+from vila_hd.train.stage import run_stage
 from train_helpers import stage_dict
 publish = ck._publish
 def dying_publish(tmp, final):
@@ -114,9 +114,9 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(data, 
 def test_lora_checkpoint_reload_and_merge(data, tmp_path):
     from transformers import AutoModelForImageTextToText  # noqa: F401  (registers nothing; import check)
 
-    from train.cli import merge_lora_main
-    from train.lora import load_adapter_model
     from vila_hd.model import VilaHDForConditionalGeneration
+    from vila_hd.train.cli import merge_lora_main
+    from vila_hd.train.lora import load_adapter_model
 
     out = str(tmp_path / "lora")
     cfg = stage_from_dict(stage_dict(data, out, max_steps=3, trainable={"llm": 1e-2, "projector": 1e-2,
@@ -158,8 +158,8 @@ def test_lora_checkpoint_reload_and_merge(data, tmp_path):
 
 def test_finetune_lora_cli_on_a_custom_dataset_then_data_check_and_merge(data, tmp_path, tiny_checkpoint):
     """The README's worked example on a tiny checkpoint: data check -> finetune-lora -> merge-lora -> chat."""
-    from train.cli import data_main, finetune_lora_main, merge_lora_main
     from vila_hd.engine import load_model
+    from vila_hd.train.cli import data_main, finetune_lora_main, merge_lora_main
 
     base = str(tiny_checkpoint)
     media = os.path.join(os.path.dirname(data), "images")

@@ -10,13 +10,13 @@ import torch
 from tolerances import assert_fp_close
 from train_helpers import step_samples
 
-from train.config import CONFIG_ROOT, PARTS, load_stage, part_of, stage_from_dict
-from train.data.collate import Collator
-from train.losses import box_maps, dice_loss, lm_loss_sum, normalized_total, selection_loss
-from train.model_step import VilaHDTrainStep
-from train.schedule import WarmupCosine
 from vila_hd.host_syncs import count_host_syncs
 from vila_hd.model.tiny import build_tiny_model
+from vila_hd.train.config import CONFIG_ROOT, PARTS, load_stage, part_of, stage_from_dict
+from vila_hd.train.data.collate import Collator
+from vila_hd.train.losses import box_maps, dice_loss, lm_loss_sum, normalized_total, selection_loss
+from vila_hd.train.model_step import VilaHDTrainStep
+from vila_hd.train.schedule import WarmupCosine
 
 LOOK = {"num_look_close": 2}
 TINY_SEED = 3  # the seed of conftest's `tiny` fixture here
@@ -210,7 +210,7 @@ def test_a_text_only_batch_still_gives_every_vision_parameter_a_gradient(tiny, s
 def test_flops_count_the_lm_head_at_target_tokens_only(tiny, samples):
     """MFU's LLM term: body parameters over every token, the head (vocabulary x width, tied or not) over the
     target tokens only, where the step runs it."""
-    from train.flops import FlopsModel
+    from vila_hd.train.flops import FlopsModel
 
     model, processor = tiny
     layout = model.image_token_layout((448, 448), **LOOK)

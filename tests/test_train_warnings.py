@@ -10,7 +10,7 @@ import sys
 
 from train_helpers import fresh_job_env, make_dataset
 
-from train.stage import loader_workers
+from vila_hd.train.stage import loader_workers
 
 VILA_HD = os.path.join(os.path.dirname(sys.executable), "vila-hd")
 NOISE = ("worker processes in total", "is_gradient_checkpointing", "FutureWarning", "Setting accelerator to",
@@ -46,9 +46,9 @@ def test_lora_wrap_and_adapter_load_raise_no_deprecation_warning(tiny, tmp_path)
     import copy
     import warnings
 
-    from train.config import LoraConfig
-    from train.lora import apply_lora, save_adapter
     from vila_hd.engine import _apply_adapter
+    from vila_hd.train.config import LoraConfig
+    from vila_hd.train.lora import apply_lora, save_adapter
 
     model, processor = tiny
     base = tmp_path / "base"

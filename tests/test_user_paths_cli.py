@@ -47,8 +47,8 @@ def test_convert_prints_no_deepspeed_banner(tiny_checkpoint, tmp_path):
 
 def test_merge_lora_prints_no_deepspeed_banner(tiny_checkpoint, tmp_path):
     pytest.importorskip("peft")
-    from train.config import LoraConfig
-    from train.lora import apply_lora, load_base_model, save_adapter
+    from vila_hd.train.config import LoraConfig
+    from vila_hd.train.lora import apply_lora, load_base_model, save_adapter
 
     model, processor = load_base_model(str(tiny_checkpoint))
     adapter = tmp_path / "adapter"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import huggingface_hub
 import pytest
 
-from vila_hd.model import hub
+from vila_hd import hub
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89"
 
@@ -60,8 +60,8 @@ def test_locate_directory_keeps_dirs_and_hub_ids(tmp_path):
 
 
 def _text_readers():
-    from eval.benchmarks.base import read_jsonl, read_records, read_tsv
-    from eval.replies import read_replies
+    from vila_hd.eval.benchmarks.base import read_jsonl, read_records, read_tsv
+    from vila_hd.eval.replies import read_replies
     from vila_hd.infer import read_items
 
     return [
@@ -89,8 +89,8 @@ def test_text_readers_name_a_binary_file(tmp_path, index):
 
 @pytest.mark.parametrize("benchmark", ["jsonl", "4kpro"])
 def test_eval_benchmark_data_that_is_an_image_is_named(png, benchmark):
-    from eval.benchmarks import build_benchmark
     from vila_hd.errors import FileFormatError
+    from vila_hd.eval.benchmarks import build_benchmark
 
     with pytest.raises(FileFormatError, match=f"{png} is not UTF-8 text"):
         build_benchmark(benchmark, str(png)).samples()

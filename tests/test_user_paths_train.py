@@ -84,12 +84,12 @@ def test_finetune_lora_refuses_a_png_as_data_in_one_line(tmp_path, png, tiny_che
 # --- the data is counted before the model is built (finding 27) ---------------------------------------------
 def test_too_few_samples_for_a_global_batch_fail_before_the_model_is_built(capsys, monkeypatch, data, tmp_path,
                                                                          tiny_checkpoint):
-    import train.stage
+    import vila_hd.train.stage
 
     def no_model(config):
         raise AssertionError("the model was built before the data was counted")
 
-    monkeypatch.setattr(train.stage, "load_init", no_model)
+    monkeypatch.setattr(vila_hd.train.stage, "load_init", no_model)
     code, err = run_main(capsys, "finetune-lora", "--model", tiny_checkpoint, "--data", data, "--output-dir",
                          tmp_path / "out", "--global-batch-size", "16")
     assert code == 1
@@ -101,12 +101,12 @@ def test_too_few_samples_for_a_global_batch_fail_before_the_model_is_built(capsy
 def test_training_refuses_an_output_dir_in_its_init_checkpoint(capsys, monkeypatch, data, tmp_path):
     import yaml
 
-    import train.stage
+    import vila_hd.train.stage
 
     def no_model(config):
         raise AssertionError("the model was built before output_dir was checked")
 
-    monkeypatch.setattr(train.stage, "load_init", no_model)
+    monkeypatch.setattr(vila_hd.train.stage, "load_init", no_model)
     base = tmp_path / "base"
     base.mkdir()
     (tmp_path / "link").symlink_to(base)
@@ -124,7 +124,7 @@ def test_training_refuses_an_output_dir_in_its_init_checkpoint(capsys, monkeypat
         one_error_line(err, f"output_dir {out} {where} the checkpoint", f"init.llm {tmp_path / 'link'}")
     assert os.listdir(base) == []
     cfg["output_dir"] = str(tmp_path / "based")  # a sibling whose name starts with the checkpoint's is fine
-    from train.config import stage_from_dict
+    from vila_hd.train.config import stage_from_dict
 
     assert stage_from_dict(cfg).output_dir == str(tmp_path / "based")
 
@@ -136,8 +136,8 @@ def adapter(tmp_path, tiny_checkpoint) -> tuple[Path, Path]:
     """``(adapter, base)``: an untrained LoRA adapter on a copy of the tiny checkpoint."""
     import shutil
 
-    from train.config import LoraConfig
-    from train.lora import apply_lora, load_base_model, save_adapter
+    from vila_hd.train.config import LoraConfig
+    from vila_hd.train.lora import apply_lora, load_base_model, save_adapter
 
     base = tmp_path / "base"
     shutil.copytree(tiny_checkpoint, base)
@@ -180,12 +180,12 @@ def test_merge_lora_refuses_a_non_empty_out_unless_forced(capsys, adapter, tmp_p
 
 
 def test_merge_lora_refuses_a_file_as_out_before_loading(capsys, monkeypatch, adapter, png):
-    import train.lora
+    import vila_hd.train.lora
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(train.lora, "load_adapter_model", no_model)
+    monkeypatch.setattr(vila_hd.train.lora, "load_adapter_model", no_model)
     for force in ([], ["--force"]):
         code, err = run_main(capsys, "merge-lora", "--adapter", adapter[0], "--out", png, *force)
         assert code == 1
@@ -302,10 +302,10 @@ def test_the_outside_media_hint_names_the_flag_or_the_yaml_key(capsys, tmp_path,
 
 # --- the parameter table counts each parameter once (finding 23) --------------------------------------------
 def test_lora_parameter_table_counts_fully_trained_modules_once(data, tmp_path):
-    from train.config import stage_from_dict
-    from train.lora import apply_lora
-    from train.stage import set_trainable, trainable_summary
     from vila_hd.model.tiny import build_tiny_model
+    from vila_hd.train.config import stage_from_dict
+    from vila_hd.train.lora import apply_lora
+    from vila_hd.train.stage import set_trainable, trainable_summary
 
     parts = {"llm": 1e-3, "projector": 1e-3, "prompt_head": 1e-3, "selection": 1e-3}
     plain = stage_from_dict(stage_dict(data, str(tmp_path / "a"), trainable=parts))

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from llava_compat.convert import main as convert_main
-from llava_compat.convert import shard_size
-from llava_compat.vila_checkpoint import CheckpointError, is_vila_checkpoint, read_vila_config
+from vila_hd.compat.convert import main as convert_main
+from vila_hd.compat.convert import shard_size
+from vila_hd.compat.vila_checkpoint import CheckpointError, is_vila_checkpoint, read_vila_config
 from vila_hd.model import VilaHDForConditionalGeneration
 from vila_hd.processing import VilaHDProcessor, write_chat_template
 
@@ -225,7 +225,7 @@ def test_convert_onto_its_own_source_names_it(vila_dir, capsys, force):
 
 
 def test_convert_source_must_be_a_checkpoint_directory(tmp_path, capsys, monkeypatch):
-    import vila_hd.model.hub as hub
+    import vila_hd.hub as hub
     from vila_hd.cli import main as vila_hd_main
 
     def no_hub(*args, **kwargs):

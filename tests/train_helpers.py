@@ -15,7 +15,7 @@ QA = [("What color is the car?", "The car is red."), ("How many people are in th
       ("What is written at the bottom?", "Numbers 0123456789."), ("Describe the image.", "A street with a tree.")]
 
 
-# What a launcher (and an in-process one-process run, see train.trainer.init_distributed) puts in the environment.
+# What a launcher (and an in-process one-process run, see vila_hd.train.trainer.init_distributed) puts in the environment.
 LAUNCHER_ENV = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
 
 
@@ -107,8 +107,8 @@ def lm_losses(output_dir: str) -> dict[int, float]:
 
 def step_samples(processor, folder, look_close: dict, uint8_pixels: bool = False) -> list:
     """Three encoded samples for the training forward: one image with a box, text only, two images (one boxed)."""
-    from llava_compat import datasets as ds
-    from train.data.dataset import SampleEncoder
+    from vila_hd.compat import datasets as ds
+    from vila_hd.train.data.dataset import SampleEncoder
 
     rng = np.random.default_rng(0)
     paths = []

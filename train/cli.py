@@ -1,4 +1,4 @@
-"""Command-line entry points of training (wired into ``vila-hd``; also ``python -m train.cli COMMAND ...``).
+"""Command-line entry points of training (wired into ``vila-hd``; also ``python -m vila_hd.train.cli COMMAND ...``).
 
     vila-hd train configs/stages/sft.yaml [--set key=value ...] [--no-resume]
     vila-hd finetune-lora --model DIR --data train.json --media images/ [--output-dir DIR] [--set ...]
@@ -17,9 +17,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from train.config import CONFIG_ROOT
 from vila_hd import errors
 from vila_hd.cli import look_close_arg, naming_model, non_negative_int, positive_float, positive_int
+from vila_hd.train.config import CONFIG_ROOT
 
 LORA_RECIPE = os.path.join(CONFIG_ROOT, "stages", "lora.yaml")
 
@@ -39,8 +39,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                         help="start from the init even if the output directory holds checkpoints")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from train.config import load_stage
-    from train.stage import run_stage
+    from vila_hd.train.config import load_stage
+    from vila_hd.train.stage import run_stage
 
     config = load_stage(args.config, args.overrides)
     with naming_model(config.init.model or config.init.llm or args.config):
@@ -130,8 +130,8 @@ def finetune_lora_main(argv: Sequence[str] | None = None) -> int:
                         "checkpoints of an earlier run (default: resume from the latest one)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from train.config import load_stage, refuse_output_in_init
-    from train.stage import run_stage
+    from vila_hd.train.config import load_stage, refuse_output_in_init
+    from vila_hd.train.stage import run_stage
 
     refuse_output_in_init(args.output_dir, {"--model": args.model}, "--output-dir")
     dataset = {"path": os.path.abspath(args.data)}
@@ -174,8 +174,8 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    import train.trainer  # noqa: F401 - its logging filter drops DeepSpeed's banner (save_pretrained imports it)
-    from train.lora import merge_adapter
+    import vila_hd.train.trainer  # noqa: F401 - its logging filter drops DeepSpeed's banner (save_pretrained imports it)
+    from vila_hd.train.lora import merge_adapter
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     with naming_model(args.adapter):
@@ -261,11 +261,11 @@ def _kind(path: str) -> str:
 
 
 def run_check(args):
-    from llava_compat import datasets as ds
-    from train.config import StageConfig, load_stage
-    from train.data.check import check_sources
-    from train.data.dataset import SampleEncoder
-    from train.stage import load_init_processor, open_registry
+    from vila_hd.compat import datasets as ds
+    from vila_hd.train.config import StageConfig, load_stage
+    from vila_hd.train.data.check import check_sources
+    from vila_hd.train.data.dataset import SampleEncoder
+    from vila_hd.train.stage import load_init_processor, open_registry
 
     kind = _kind(args.target)
     stage = load_stage(args.target, args.overrides) if kind == "stage" else StageConfig()
@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # environment (LOCAL_RANK) anyway.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m train.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        print(f"usage: python -m vila_hd.train.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])
 

@@ -42,7 +42,7 @@ def vision_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def compile_kwargs(settings: Any) -> dict[str, Any]:
-    """``torch.compile`` keyword arguments of a :class:`~train.config.CompileConfig`."""
+    """``torch.compile`` keyword arguments of a :class:`~vila_hd.train.config.CompileConfig`."""
     return {"backend": settings.backend, "mode": settings.mode, "dynamic": settings.dynamic}
 
 
@@ -68,7 +68,7 @@ def compile_blocks(model: nn.Module, settings: Any) -> list[str]:
 
 
 def compile_pretraining_blocks(model: nn.Module, settings: Any) -> list[str]:
-    """The same for PS3 pre-training (:class:`~train.pretrain.model.PS3ForPretraining`): ``settings.vision``
+    """The same for PS3 pre-training (:class:`~vila_hd.train.pretrain.model.PS3ForPretraining`): ``settings.vision``
     compiles the PS3 trunk's blocks, ``settings.llm`` the text tower's."""
     stacks = {}
     if settings.llm:

@@ -30,10 +30,12 @@ from typing import Any
 
 import yaml
 
-from llava_compat.datasets import inside
+from vila_hd import configs
+from vila_hd.compat.datasets import inside
 from vila_hd.errors import ConfigError, naming_file
 
-CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The shipped recipes (package data vila_hd.configs), found the same way in a source tree and after pip install.
+CONFIG_ROOT = str(configs.path())
 
 # Trainable parts of VILA-HD and the parameter-name prefixes that make them. `prior_prompt` (bottom-up
 # selection only) and PS3's pooled head (`trunk.norm`, `trunk.attn_pool`; unused by VILA-HD) are never trained.
@@ -155,7 +157,7 @@ class LoraConfig:
     quantize: str | None = None  # "4bit" (QLoRA: needs bitsandbytes and a GPU)
 
 
-LLM_ATTENTION = ("auto", "segments", "model")  # see train.model_step.use_segment_attention
+LLM_ATTENTION = ("auto", "segments", "model")  # see vila_hd.train.model_step.use_segment_attention
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 

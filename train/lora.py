@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.config import LoraConfig as LoraSettings
+from vila_hd.train.config import LoraConfig as LoraSettings
 
 ADAPTER_CONFIG = "adapter_config.json"
 FULLY_TRAINED_MODULES = {
@@ -131,7 +131,7 @@ def load_adapter_model(adapter_dir: str, dtype: torch.dtype | None = None, merge
     adapter applied (merged into the weights when ``merge``); the processor saved with the adapter wins."""
     from peft import PeftModel
 
-    from vila_hd.model.hub import refuse_unsafe_adapter
+    from vila_hd.hub import refuse_unsafe_adapter
     from vila_hd.processing import PROCESSOR_CONFIG, VilaHDProcessor
 
     base = adapter_base(adapter_dir)

@@ -1,4 +1,4 @@
-"""The VILA-HD training forward: what DeepSpeed wraps and the :class:`~train.trainer.Trainer` calls.
+"""The VILA-HD training forward: what DeepSpeed wraps and the :class:`~vila_hd.train.trainer.Trainer` calls.
 
 :class:`VilaHDTrainStep` runs the same computation as ``VilaHDForConditionalGeneration.forward`` (its
 public pieces: ``encode_low_res``, ``project_low_res``, the prompt head, ``get_image_features``, the LLM),
@@ -6,7 +6,7 @@ arranged for training:
 
 - rows may be *packed* (several samples, position ids restarting at each sample), so each image has its own
   prompt position and the top-down prefix pass runs once over all rows, with high-res tokens removed and each
-  row cut after its last prompt (:mod:`train.data.prefix`);
+  row cut after its last prompt (:mod:`vila_hd.train.data.prefix`);
 - samples do not attend to each other: segment attention (one causal call per sample span, see
   :mod:`vila_hd.model.attention`), or with ``llm_attention="model"`` the LLM's own block-diagonal mask;
 - the data-dependent indices (image tokens, targets, spans, prefix plan) come from the collator, found on the
@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.config import LLM_ATTENTION
-from train.data.prefix import PrefixPlan, prefix_plan
-from train.losses import lm_loss_sum, selection_loss, target_positions
 from vila_hd.model.attention import NO_MASKS, SEGMENT_ATTENTION, register_segment_attention, supports_segments
+from vila_hd.train.config import LLM_ATTENTION
+from vila_hd.train.data.prefix import PrefixPlan, prefix_plan
+from vila_hd.train.losses import lm_loss_sum, selection_loss, target_positions
 
 
 class VilaHDTrainStep(nn.Module):
@@ -118,7 +118,7 @@ class VilaHDTrainStep(nn.Module):
 
     def _prompts(self, embeds, batch, rows, cols, n_low, num_images) -> torch.Tensor:
         """Top-down prompts (num_images, C): the LLM (no gradient) over each row's tokens without the high-res
-        ones, up to the row's last prompt position (:mod:`train.data.prefix`); hidden state at each image's
+        ones, up to the row's last prompt position (:mod:`vila_hd.train.data.prefix`); hidden state at each image's
         prompt -> prompt head."""
         m = self.model
         prompt_index = batch["prompt_index"]

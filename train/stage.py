@@ -2,8 +2,8 @@
 
 :func:`run_stage` loads the init (previous stage, base checkpoints or a tiny preset), freezes everything
 but the trainable parts (one optimizer group per part, each with its own learning rate; optionally LoRA),
-builds the data mixture, wraps the model in :class:`~train.model_step.VilaHDTrainStep` and hands it to the
-generic :class:`~train.trainer.Trainer`. The final export is a Hugging Face checkpoint in
+builds the data mixture, wraps the model in :class:`~vila_hd.train.model_step.VilaHDTrainStep` and hands it to the
+generic :class:`~vila_hd.train.trainer.Trainer`. The final export is a Hugging Face checkpoint in
 ``<output_dir>/final`` (ZeRO-3 weights gathered) or, for LoRA, an adapter directory there.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llava_compat import datasets as ds
-from train.config import PARTS, StageConfig, part_of, read_deepspeed_config
-from train.data.sampler import check_enough_samples
+from vila_hd.compat import datasets as ds
+from vila_hd.train.config import PARTS, StageConfig, part_of, read_deepspeed_config
+from vila_hd.train.data.sampler import check_enough_samples
 
 # --- model ------------------------------------------------------------------------------------------
 
@@ -34,7 +34,7 @@ def load_init(config: StageConfig):
     init = config.init
     dtype = _dtype(config)
     if init.model is not None:
-        from train.lora import four_bit_config, load_base_model
+        from vila_hd.train.lora import four_bit_config, load_base_model
 
         if config.lora is not None and config.lora.quantize == "4bit":
             from vila_hd.model import VilaHDForConditionalGeneration
@@ -76,9 +76,9 @@ def load_init_processor(config: StageConfig):
         return build_tiny_processor(init.preset, **init.model_overrides)
     from transformers import AutoConfig, AutoTokenizer
 
-    from llava_compat.vila_checkpoint import read_vision_config
+    from vila_hd.compat.vila_checkpoint import read_vision_config
+    from vila_hd.hub import resolve_model_dir
     from vila_hd.model.configuration import VilaHDConfig
-    from vila_hd.model.hub import resolve_model_dir
     from vila_hd.processing import VilaHDProcessor
 
     llm = resolve_model_dir(init.llm, kind="processor")  # metadata only; refuses a directory naming custom code
@@ -155,7 +155,7 @@ def apply_compile(model, config: StageConfig) -> list[str]:
     checkpointing is set up); returns what was compiled (nothing when disabled)."""
     if not config.compile.enabled:
         return []
-    from train.compile import compile_blocks
+    from vila_hd.train.compile import compile_blocks
 
     return compile_blocks(model, config.compile)
 
@@ -207,10 +207,10 @@ class StageData:
 
 def build_data(config: StageConfig, processor, world: int, rank: int, grad_accum: int,
                mixture: ds.Mixture | None = None) -> StageData:
-    from train.data.collate import Collator
-    from train.data.dataset import SampleEncoder, TrainingDataset
-    from train.data.sampler import StepSampler
     from vila_hd.model.token_layout import image_token_layout
+    from vila_hd.train.data.collate import Collator
+    from vila_hd.train.data.dataset import SampleEncoder, TrainingDataset
+    from vila_hd.train.data.sampler import StepSampler
 
     encoder = SampleEncoder(processor, config.data.max_length, config.look_close.kwargs(), uint8_pixels=True)
     dataset = TrainingDataset(mixture if mixture is not None else open_mixture(config), encoder)
@@ -249,7 +249,7 @@ def _rank0() -> bool:
 
 def export_model(trainer, model, processor, out_dir: str) -> None:
     """Gathered weights (ZeRO-3 partitions joined) as a Hugging Face checkpoint + processor (all ranks call)."""
-    from train.trainer import consolidated_state_dict
+    from vila_hd.train.trainer import consolidated_state_dict
 
     state = consolidated_state_dict(trainer.engine, model)
     if _rank0():
@@ -261,14 +261,14 @@ def export_model(trainer, model, processor, out_dir: str) -> None:
 
 def export_adapter(engine, peft_model, processor, base: str, out_dir: str) -> None:
     """The LoRA adapter (PEFT format, with the fully trained modules) + processor (all ranks call)."""
-    from train.lora import adapter_state_names
-    from train.trainer import gathered
+    from vila_hd.train.lora import adapter_state_names
+    from vila_hd.train.trainer import gathered
 
     names = set(adapter_state_names(peft_model))
     params = [p for n, p in peft_model.named_parameters() if n in names]
     with gathered(engine, params):
         if _rank0():
-            from train.lora import save_adapter
+            from vila_hd.train.lora import save_adapter
 
             state = {k: v.detach().cpu().clone() for k, v in peft_model.state_dict().items()
                      if ".lora_" in k or ".modules_to_save." in k}
@@ -291,10 +291,10 @@ class StageRun:
 
 def run_stage(config: StageConfig, resume: bool = True, until: int | None = None) -> StageRun:
     """Train one stage to the end (or to step ``until``, see ``Trainer.train``)."""
-    from train.compile import describe
-    from train.flops import FlopsModel
-    from train.model_step import VilaHDTrainStep
-    from train.trainer import Trainer, TrainerHooks, TrainerSettings, init_distributed
+    from vila_hd.train.compile import describe
+    from vila_hd.train.flops import FlopsModel
+    from vila_hd.train.model_step import VilaHDTrainStep
+    from vila_hd.train.trainer import Trainer, TrainerHooks, TrainerSettings, init_distributed
 
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -312,7 +312,7 @@ def run_stage(config: StageConfig, resume: bool = True, until: int | None = None
     base_for_adapter = None
     peft_model = None
     if config.lora is not None:
-        from train.lora import apply_lora
+        from vila_hd.train.lora import apply_lora
 
         base_for_adapter = config.init.model or os.path.join(config.output_dir, "base_model")
         if config.init.model is None and rank == 0 and not os.path.isdir(base_for_adapter):

@@ -19,7 +19,7 @@ global number of valid tokens, however they are spread over micro-batches and ra
 ``Trainer.train(resume=True)`` continues from ``<output_dir>/checkpoints/latest`` when there is one:
 module, optimizer, scheduler, RNG and data position (the step) are restored, so steps k+1..n reproduce an
 uninterrupted run. The checkpoint is verified against its manifest first; a damaged one is passed over for the
-newest that verifies, in one printed line (:func:`train.checkpoint.choose_resume`). Logs: a progress bar, ``<output_dir>/logs/metrics.jsonl`` (one JSON line per logged
+newest that verifies, in one printed line (:func:`vila_hd.train.checkpoint.choose_resume`). Logs: a progress bar, ``<output_dir>/logs/metrics.jsonl`` (one JSON line per logged
 step), TensorBoard when installed, Weights & Biases when asked.
 """
 
@@ -41,10 +41,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train import checkpoint as ckpt
-from train.losses import normalized_total
-from train.schedule import warmup_cosine_scheduler
 from vila_hd.quiet import DEEPSPEED_BANNERS, drop_deepspeed_banners
+from vila_hd.train import checkpoint as ckpt
+from vila_hd.train.losses import normalized_total
+from vila_hd.train.schedule import warmup_cosine_scheduler
 
 # bf16 dense peak per device (TFLOP/s), matched against the CUDA device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0}

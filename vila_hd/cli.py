@@ -31,14 +31,14 @@ DEBUG_FLAG = "--debug"
 
 # Subcommands whose own function parses their arguments: ``vila-hd NAME ARGS`` calls ``module.function(ARGS)``.
 FORWARDED = {
-    "train": ("train.cli", "train_main", "train one VILA-HD stage from its YAML recipe"),
-    "finetune-lora": ("train.cli", "finetune_lora_main", "LoRA fine-tuning (adapters keep the projector)"),
-    "merge-lora": ("train.cli", "merge_lora_main", "fold a LoRA adapter into its base checkpoint"),
-    "data": ("train.cli", "data_main", "data tools (`vila-hd data check`)"),
-    "pretrain": ("train.pretrain.loop", "pretrain_main", "PS3 localized contrastive pre-training"),
-    "eval": ("eval.cli", "eval_main", "run benchmarks"),
-    "synth": ("eval.cli", "synth_main", "generate the synthetic high-resolution benchmark"),
-    "convert": ("llava_compat.convert", "main", "convert checkpoints between the VILA layout and our single directory"),
+    "train": ("vila_hd.train.cli", "train_main", "train one VILA-HD stage from its YAML recipe"),
+    "finetune-lora": ("vila_hd.train.cli", "finetune_lora_main", "LoRA fine-tuning (adapters keep the projector)"),
+    "merge-lora": ("vila_hd.train.cli", "merge_lora_main", "fold a LoRA adapter into its base checkpoint"),
+    "data": ("vila_hd.train.cli", "data_main", "data tools (`vila-hd data check`)"),
+    "pretrain": ("vila_hd.train.pretrain.loop", "pretrain_main", "PS3 localized contrastive pre-training"),
+    "eval": ("vila_hd.eval.cli", "eval_main", "run benchmarks"),
+    "synth": ("vila_hd.eval.cli", "synth_main", "generate the synthetic high-resolution benchmark"),
+    "convert": ("vila_hd.compat.convert", "main", "convert checkpoints between the VILA layout and our single directory"),
     "serve": ("vila_hd.serve.cli", "serve_main", "OpenAI-compatible HTTP server"),
     "demo": ("vila_hd.demo", "main", "train a tiny VILA-HD on a synthetic high-res task and report what selection buys"),
 }

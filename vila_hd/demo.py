@@ -18,10 +18,10 @@ What it does (each step prints its progress and the elapsed time; docs/demo.md h
 2. model: a byte-level BPE tokenizer trained on the task's text, a small Qwen2-style LLM and a small PS3, with
    random weights, saved as ``init/``.
 3. training with the stage recipes ``configs/demo/{align,sft}.yaml`` through the real trainer
-   (``train.cli train``): ``align`` learns to read patterns on the large squares; ``sft`` learns the task
+   (``vila_hd.train.cli train``): ``align`` learns to read patterns on the large squares; ``sft`` learns the task
    itself, the LLM seeing every patch while the box-supervised selection loss teaches the prompt head and PS3's
    selection modules where the named square is.
-4. evaluation of the held-out split with the eval harness (``eval.harness.run_benchmark``, generic JSONL):
+4. evaluation of the held-out split with the eval harness (``vila_hd.eval.harness.run_benchmark``, generic JSONL):
    low resolution only, bottom-up selection, top-down selection at two budgets, all patches.
 5. ``report.md`` with the table, ``accuracy_vs_tokens.png``, selection heatmaps of one held-out image (top-down
    vs bottom-up), ``example.png`` (full vs low-res view) and one held-out question answered by
@@ -227,7 +227,7 @@ def check_invisible(task: TaskConfig, tolerance: float = 4.0) -> float:
 
 def grey_background(rng: random.Random, size: int, clutter: float) -> Image.Image:
     """The synthetic benchmark's gradient with large shapes, in grey (only the squares carry colour)."""
-    from eval.synthetic import draw_background
+    from vila_hd.eval.synthetic import draw_background
 
     return draw_background(rng, size, clutter).convert("L").convert("RGB")
 
@@ -249,7 +249,7 @@ def place_squares(rng: random.Random, cells: int, k: int, n: int) -> list[tuple[
 def generate_sample(task: TaskConfig, split: str, index: int) -> tuple[Image.Image, dict[str, Any]]:
     """Image and record of sample ``index`` of ``split`` (the same for the same task settings). The answers are
     balanced: each run of ``len(PATTERNS)`` consecutive samples asks about every pattern once, in a seeded order."""
-    from eval.synthetic import is_invisible
+    from vila_hd.eval.synthetic import is_invisible
 
     rng = random.Random(f"vila-hd-demo:{task.seed}:{split}:{index}")
     block = random.Random(f"vila-hd-demo:{task.seed}:{split}:block{index // len(PATTERNS)}")
@@ -362,7 +362,7 @@ def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from llava_compat.conversation import CHATML_TEMPLATE
+    from vila_hd.compat.conversation import CHATML_TEMPLATE
     from vila_hd.model.tiny import IMAGE_TOKEN, SPECIAL_TOKENS
 
     tok = Tokenizer(models.BPE())
@@ -401,7 +401,7 @@ def build_initial_model(model_cfg: ModelConfig, out: Path, seed: int) -> Path:
 
 # --- training ------------------------------------------------------------------------------------------------
 def config_dir() -> Path:
-    from train.config import CONFIG_ROOT
+    from vila_hd.train.config import CONFIG_ROOT
 
     return Path(CONFIG_ROOT) / "demo"
 
@@ -444,11 +444,11 @@ class MetricsWatcher(threading.Thread):
 
 def run_stage(stage: str, init: Path, out: Path, data: Path, run: RunConfig, seed: int,
               log: Callable[[str], None]) -> dict[str, Any]:
-    """Train one stage with its recipe ``configs/demo/<stage>.yaml`` through ``train.cli train``; the paths,
+    """Train one stage with its recipe ``configs/demo/<stage>.yaml`` through ``vila_hd.train.cli train``; the paths,
     step count, batch and seed of this run are set with ``--set``. Returns the stage's last logged metrics."""
     import torch
 
-    from train.cli import train_main
+    from vila_hd.train.cli import train_main
 
     steps = run.align_steps if stage == "align" else run.sft_steps
     target = out / stage
@@ -467,7 +467,7 @@ def run_stage(stage: str, init: Path, out: Path, data: Path, run: RunConfig, see
     argv = [str(config_dir() / f"{stage}.yaml"), "--no-resume"]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
-    log(f"{stage}: {steps} steps of {run.batch} samples (train.cli train configs/demo/{stage}.yaml)")
+    log(f"{stage}: {steps} steps of {run.batch} samples (vila_hd.train.cli train configs/demo/{stage}.yaml)")
     start = time.perf_counter()
     watcher = MetricsWatcher(target / "logs" / "metrics.jsonl", stage, steps, log)
     watcher.start()
@@ -514,9 +514,9 @@ class ProgressPredictor:
 
 def evaluate(engine, data: Path, out: Path, settings: list[Setting], log: Callable[[str], None]) -> list[dict]:
     """Run the held-out split through the eval harness once per setting; one row per setting."""
-    from eval.benchmarks import build_benchmark
-    from eval.harness import run_benchmark
-    from eval.predictor import EnginePredictor
+    from vila_hd.eval.benchmarks import build_benchmark
+    from vila_hd.eval.harness import run_benchmark
+    from vila_hd.eval.predictor import EnginePredictor
 
     benchmark = build_benchmark("jsonl", str(data / "test.jsonl"))
     total = len(benchmark.samples())
@@ -558,7 +558,7 @@ def check_claims(rows: list[dict]) -> dict[str, Any]:
 def plot(rows: list[dict], path: Path) -> Path:
     """Accuracy against mean visual tokens: top-down and bottom-up curves (low-res and all patches are the
     ends of both) and chance."""
-    from eval.plot import Series, line_chart
+    from vila_hd.eval.plot import Series, line_chart
 
     by = {r["setting"]: r for r in rows}
     series = []

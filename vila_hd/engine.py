@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 from transformers.generation import BaseStreamer, StoppingCriteria
 
+from vila_hd.hub import resolve_checkpoint
 from vila_hd.images import DEFAULT_MAX_PIXELS, load_image
-from vila_hd.model.hub import resolve_checkpoint
 from vila_hd.processing import PromptTooLong
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -470,7 +470,7 @@ def load_model(
 
 
 def _load_base(model_dir: str, device: torch.device, dtype: torch.dtype, device_map, load_4bit: bool):
-    from llava_compat.vila_checkpoint import is_vila_checkpoint
+    from vila_hd.compat.vila_checkpoint import is_vila_checkpoint
     from vila_hd.model import VilaHDForConditionalGeneration
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -481,7 +481,7 @@ def _load_base(model_dir: str, device: torch.device, dtype: torch.dtype, device_
                 f"--load-4bit needs our single-directory layout; convert {model_dir} first with "
                 "`vila-hd convert --to hf SRC DST`"
             )
-        from llava_compat.vila_checkpoint import load_vila_model
+        from vila_hd.compat.vila_checkpoint import load_vila_model
 
         return load_vila_model(model_dir, dtype=dtype, device=device_map or device)
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map or {"": str(device)}}
@@ -513,7 +513,7 @@ def _apply_adapter(model, adapter_dir: str, merge: bool):
         from peft import PeftModel
     except ImportError as err:
         raise ImportError(f"loading the adapter {adapter_dir} needs peft (pip install peft)") from err
-    from vila_hd.model.hub import refuse_unsafe_adapter
+    from vila_hd.hub import refuse_unsafe_adapter
 
     refuse_unsafe_adapter(adapter_dir)  # before peft would unpickle adapter_model.bin (weights-only)
     import warnings

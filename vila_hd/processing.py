@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BatchFeature
 
-from llava_compat.conversation import (
+from vila_hd.compat.conversation import (
     assistant_turn_end_text,
     fallback_chat_template,
     flatten_messages,
@@ -101,11 +101,11 @@ class VilaHDProcessor:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs) -> VilaHDProcessor:
         """Load from a directory or Hub id written by :meth:`save_pretrained`, or from a VILA checkpoint."""
-        from vila_hd.model.hub import resolve_model_dir
+        from vila_hd.hub import resolve_model_dir
 
         path = resolve_model_dir(path_or_id, kind="processor", what="VILA-HD processor", **kwargs)
         if not os.path.exists(os.path.join(path, PROCESSOR_CONFIG)):
-            from llava_compat.vila_checkpoint import is_vila_checkpoint, load_vila_processor
+            from vila_hd.compat.vila_checkpoint import is_vila_checkpoint, load_vila_processor
 
             if is_vila_checkpoint(path):
                 return load_vila_processor(path)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from eval.benchmarks.base import Benchmark, FormatError, Sample
-from eval.benchmarks.hrbench import HRBench
-from eval.benchmarks.jsonl import FourKProBenchmark, JsonlBenchmark
-from eval.benchmarks.mme_realworld import MMERealWorld
-from eval.benchmarks.realworldqa import RealWorldQA
-from eval.benchmarks.textvqa import TextVQA
-from eval.benchmarks.vstar import VStarBench
+from vila_hd.eval.benchmarks.base import Benchmark, FormatError, Sample
+from vila_hd.eval.benchmarks.hrbench import HRBench
+from vila_hd.eval.benchmarks.jsonl import FourKProBenchmark, JsonlBenchmark
+from vila_hd.eval.benchmarks.mme_realworld import MMERealWorld
+from vila_hd.eval.benchmarks.realworldqa import RealWorldQA
+from vila_hd.eval.benchmarks.textvqa import TextVQA
+from vila_hd.eval.benchmarks.vstar import VStarBench
 
 BENCHMARKS: dict[str, type[Benchmark]] = {
     "vstar": VStarBench,

@@ -1,7 +1,7 @@
 """What every benchmark runner shares: the :class:`Sample`, the :class:`Benchmark` interface, table readers.
 
 A runner turns the publisher's files into samples (images, the prompt sent to the model, the reference
-answer) and scores a reply; the harness (``eval.harness``) does the rest (running, resuming, sharding,
+answer) and scores a reply; the harness (``vila_hd.eval.harness``) does the rest (running, resuming, sharding,
 summaries).
 """
 
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.answers import option_map, parse_choice
-from eval.metrics import micro_accuracy, open_answer_score
 from vila_hd.errors import FileFormatError
+from vila_hd.eval.answers import option_map, parse_choice
+from vila_hd.eval.metrics import micro_accuracy, open_answer_score
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 ANSWER_PARSERS = ("official", "robust")
@@ -71,12 +71,12 @@ class Benchmark:
 
     Subclasses set ``name`` and implement :meth:`load`. ``answer_parser`` picks how a reply's letter is read:
     ``official`` (the rule of the scorer whose numbers papers report, :meth:`official_choice`; for our own
-    formats that is our parser) or ``robust`` (:func:`~eval.answers.parse_choice`)."""
+    formats that is our parser) or ``robust`` (:func:`~vila_hd.eval.answers.parse_choice`)."""
 
     name = "benchmark"
     metric = "accuracy"  # what the headline number is
     instruction: str | None = None  # default instruction appended to multiple-choice prompts
-    official_scorer = "eval.answers.parse_choice (this project's format)"
+    official_scorer = "vila_hd.eval.answers.parse_choice (this project's format)"
 
     def __init__(self, path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
                  instruction: str | None = None, answer_parser: str = "official", **options: Any):

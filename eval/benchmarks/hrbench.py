@@ -8,7 +8,7 @@ cell refers to the row with that ``index`` (the VLMEvalKit convention for repeat
 
 Scoring reproduces VLMEvalKit's ``HRBenchDataset.evaluate`` with ``exact_matching`` (the HR-Bench authors'
 own repository judges with an LLM instead): the letter is read by ``can_infer``
-(:func:`~eval.answers.vlmevalkit_can_infer`; ``answer_parser="robust"`` uses our parser), every row is
+(:func:`~vila_hd.eval.answers.vlmevalkit_can_infer`; ``answer_parser="robust"`` uses our parser), every row is
 scored, accuracy is computed within each ``cycle_category`` (``all``, ``single`` = FSP, ``cross`` = FCP) and
 the reported number is the **mean over the cycles** (``report_acc_hrbench``: the sum of the per-cycle
 accuracies over the number of cycles in the file). Every question appears 4 times with its options
@@ -23,8 +23,8 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
-from eval.answers import vlmevalkit_can_infer
-from eval.benchmarks.base import (
+from vila_hd.eval.answers import vlmevalkit_can_infer
+from vila_hd.eval.benchmarks.base import (
     Benchmark,
     FormatError,
     Sample,
@@ -34,7 +34,7 @@ from eval.benchmarks.base import (
     require,
     sample_id,
 )
-from eval.metrics import accuracy_by, grouped, mean, micro_accuracy
+from vila_hd.eval.metrics import accuracy_by, grouped, mean, micro_accuracy
 
 CATEGORY_NAMES = {"single": "FSP", "cross": "FCP"}
 

@@ -19,7 +19,7 @@ comes from the image size. Unknown fields are kept in the per-sample output unde
 
 from __future__ import annotations
 
-from eval.benchmarks.base import (
+from vila_hd.eval.benchmarks.base import (
     MC_INSTRUCTION,
     SHORT_ANSWER_INSTRUCTION,
     Benchmark,
@@ -30,7 +30,7 @@ from eval.benchmarks.base import (
     read_jsonl,
     resolve_answer_letter,
 )
-from eval.metrics import OPEN_METRICS
+from vila_hd.eval.metrics import OPEN_METRICS
 
 _KNOWN = {"id", "image", "images", "question", "options", "answer", "answers", "category", "resolution", "prompt",
           "metric", "_line"}

@@ -17,10 +17,10 @@ best answer to the above multiple-choice question based on the image. Respond wi
 D, or E) of the correct option.\\nThe best answer is:".
 
 Scoring: both rules are computed for every reply and both accuracies are reported.
-- ``official``: :func:`~eval.answers.mme_realworld_official_letter` -- the published scorer, quirks included
+- ``official``: :func:`~vila_hd.eval.answers.mme_realworld_official_letter` -- the published scorer, quirks included
   (two answer prefixes never removed because of missing commas; the first capital A-E anywhere in the reply,
   so "Based on ..." reads as B; an empty reply matches choice A).
-- ``fixed``: our :func:`~eval.answers.parse_choice` (an empty or unreadable reply is wrong).
+- ``fixed``: our :func:`~vila_hd.eval.answers.parse_choice` (an empty or unreadable reply is wrong).
 The headline is ``official`` unless ``--set rule=fixed`` (or ``answer_parser="robust"``). As
 ``evaluation/eval_your_results.py`` does, categories are lower-cased, those containing "attribute" are merged
 into ``<first part>/attribute``, and results are grouped Task -> Subtask -> Category: a category is counted
@@ -35,8 +35,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from eval.answers import mme_realworld_official_letter, parse_choice
-from eval.benchmarks.base import (
+from vila_hd.eval.answers import mme_realworld_official_letter, parse_choice
+from vila_hd.eval.benchmarks.base import (
     Benchmark,
     FormatError,
     Sample,
@@ -45,7 +45,7 @@ from eval.benchmarks.base import (
     require,
     sample_id,
 )
-from eval.metrics import accuracy_by, grouped, mean
+from vila_hd.eval.metrics import accuracy_by, grouped, mean
 
 PROMPT_TAIL = ("Select the best answer to the above multiple-choice question based on the image. Respond with only "
                "the letter (A, B, C, D, or E) of the correct option.\nThe best answer is:")

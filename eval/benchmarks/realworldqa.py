@@ -11,11 +11,11 @@ so the publisher's instruction stays).
 
 Scoring (``--set rule=...``):
 - ``current`` (default; lmms-eval ``realworldqa_process_results`` since commit 9ca4445): an answer in A-D is
-  compared with :func:`~eval.answers.lmms_eval_mcq_letter` of the reply over A-D; any other answer with the
+  compared with :func:`~vila_hd.eval.answers.lmms_eval_mcq_letter` of the reply over A-D; any other answer with the
   reply lower-cased, stripped and without trailing periods.
 - ``legacy`` (lmms-eval before that commit, the rule of earlier published numbers): the reply through
-  :func:`~eval.answers.realworldqa_legacy_prediction`, then the same lower-cased comparison for every answer.
-``answer_parser="robust"`` reads multiple-choice replies with :func:`~eval.answers.parse_choice` instead
+  :func:`~vila_hd.eval.answers.realworldqa_legacy_prediction`, then the same lower-cased comparison for every answer.
+``answer_parser="robust"`` reads multiple-choice replies with :func:`~vila_hd.eval.answers.parse_choice` instead
 (short answers keep the rule's comparison).
 """
 
@@ -25,8 +25,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from eval.answers import lmms_eval_mcq_letter, parse_choice, realworldqa_legacy_prediction
-from eval.benchmarks.base import Benchmark, FormatError, Sample, decode_image_field, read_parquet, require
+from vila_hd.eval.answers import lmms_eval_mcq_letter, parse_choice, realworldqa_legacy_prediction
+from vila_hd.eval.benchmarks.base import Benchmark, FormatError, Sample, decode_image_field, read_parquet, require
 
 RULES = ("current", "legacy")
 _OPTION_LINE = re.compile(r"^([A-Z])\.\s+(.*)$", re.M)

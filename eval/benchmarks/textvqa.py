@@ -9,14 +9,14 @@ Prompts: ``question`` + "\\nAnswer the question using a single word or phrase." 
 "Reference OCR token: ..." line); LLaVA's ``question_id`` there holds the *image* id, so its lines are joined to
 the annotations on (image id, lower-cased question = the first line of ``text``), as LLaVA's scorer does.
 
-Score: VQA soft accuracy (:func:`~eval.metrics.vqa_soft_accuracy`) after the EvalAI normalisation.
+Score: VQA soft accuracy (:func:`~vila_hd.eval.metrics.vqa_soft_accuracy`) after the EvalAI normalisation.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from eval.benchmarks.base import (
+from vila_hd.eval.benchmarks.base import (
     SHORT_ANSWER_INSTRUCTION,
     Benchmark,
     FormatError,

@@ -6,8 +6,8 @@ and ``relative_position/`` holding ``sa_N.jpg`` + ``sa_N.json`` (``question``, `
 option first, ``target_object``, ``bbox``). 191 questions (115 + 76; relative_position has two options).
 
 Generative scoring: the prompt is ``text`` as published; the reply's letter, read by lmms-eval's
-``vstar_bench`` rule (:func:`~eval.answers.lmms_eval_vstar_letter`, quirks included; ``answer_parser="robust"``
-uses :func:`~eval.answers.parse_choice` instead), is compared with ``label``. The paper's own protocol is likelihood-based (the option with the lowest mean LM loss as the
+``vstar_bench`` rule (:func:`~vila_hd.eval.answers.lmms_eval_vstar_letter`, quirks included; ``answer_parser="robust"``
+uses :func:`~vila_hd.eval.answers.parse_choice` instead), is compared with ``label``. The paper's own protocol is likelihood-based (the option with the lowest mean LM loss as the
 answer after the bare question): run with ``--mc-mode likelihood``. Overall = micro mean over all questions.
 
 Without ``test_questions.jsonl`` the questions come from the per-image JSON files, with the options put in a
@@ -21,8 +21,8 @@ import random
 import re
 import string
 
-from eval.answers import lmms_eval_vstar_letter
-from eval.benchmarks.base import Benchmark, FormatError, Sample, choice_prompt, read_jsonl, require
+from vila_hd.eval.answers import lmms_eval_vstar_letter
+from vila_hd.eval.benchmarks.base import Benchmark, FormatError, Sample, choice_prompt, read_jsonl, require
 
 CATEGORIES = ("direct_attributes", "relative_position")
 _OPTION_LINE = re.compile(r"^\(([A-Z])\)\s*(.*)$")

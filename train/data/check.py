@@ -1,9 +1,9 @@
 """``vila-hd data check``: find every sample training would skip, before training.
 
-Each sample goes through the same code as in training (:class:`~train.data.dataset.SampleEncoder`):
+Each sample goes through the same code as in training (:class:`~vila_hd.train.data.dataset.SampleEncoder`):
 record parsing, turn structure, placeholder/image counts, tokenization with assistant labels, length after
 image-token expansion, full image decode, box bounds. The report lists each bad sample by dataset, index and
-id with its reason (one of :data:`llava_compat.datasets.REASONS`) and gives counts per reason. Warnings (the
+id with its reason (one of :data:`vila_hd.compat.datasets.REASONS`) and gives counts per reason. Warnings (the
 sample is trained on, but maybe not as meant; one of :data:`WARNINGS`) give the index and id too: a duplicate id
 (with the index that had it first), an ``<image>`` placeholder inserted because the sample had none, a
 multi-image sample, a system turn, and LLaVA roles other than ``human`` / ``gpt`` (accepted here, refused by
@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from llava_compat import datasets as ds
+from vila_hd.compat import datasets as ds
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _check_parsed(source, index: int, encoder, load_images: bool, record_of):
         else:
             ds.check_turns(ds.ensure_placeholders(raw).messages)
         if load_images and raw.images:
-            from train.data.dataset import normalized_boxes, open_images
+            from vila_hd.train.data.dataset import normalized_boxes, open_images
 
             images = encoder.open_images(raw) if encoder is not None else open_images(raw.images)
             normalized_boxes(raw.boxes, [im.size for im in images])

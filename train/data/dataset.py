@@ -1,6 +1,6 @@
 """Samples -> model inputs: chat template, assistant-only labels, ``<image>`` expansion, images, boxes.
 
-:class:`SampleEncoder` turns a :class:`~llava_compat.datasets.RawSample` into an :class:`EncodedSample`:
+:class:`SampleEncoder` turns a :class:`~vila_hd.compat.datasets.RawSample` into an :class:`EncodedSample`:
 
 - the conversation is rendered with the processor's chat template; the labels keep only the tokens of the
   assistant turns **and their end-of-turn text** (e.g. ``<|im_end|>``), found by rendering growing prefixes
@@ -11,7 +11,7 @@
 - the length after expansion is checked against ``max_length``;
 - images are loaded with :func:`vila_hd.images.load_image` (full decode) and boxes normalised to [0, 1].
 
-Every failure is a :class:`~llava_compat.datasets.SampleError` with a reason from a fixed vocabulary;
+Every failure is a :class:`~vila_hd.compat.datasets.SampleError` with a reason from a fixed vocabulary;
 :class:`TrainingDataset` returns :class:`SkippedSample` instead of raising, so a bad sample hours into a run
 is counted, not fatal.
 """
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from llava_compat import datasets as ds
-from llava_compat.conversation import (
+from vila_hd.compat import datasets as ds
+from vila_hd.compat.conversation import (
     assistant_turn_end_text,
     last_token_before,
     latest_user_turn_end,

@@ -2,7 +2,7 @@
 
 Packed samples never attend to each other: the collator gives every sample its own position ids starting
 at 0, and the model builds a block-diagonal causal mask from them (transformers detects packed rows from
-position ids that restart) -- see :mod:`train.data.collate`.
+position ids that restart) -- see :mod:`vila_hd.train.data.collate`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """PS3 pre-training recipes: typed sections, YAML loading with unknown-key errors, ``--set`` overrides.
 
-The optimizer, batch, checkpoint and logging sections are the MLLM stages' own (:mod:`train.config`), and so are
+The optimizer, batch, checkpoint and logging sections are the MLLM stages' own (:mod:`vila_hd.train.config`), and so are
 the YAML builder and the override syntax. A recipe (see ``configs/ps3/``)::
 
     output_dir: outputs/ps3_pretrain/ps3_1.5k_siglip
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from train.config import (
+from vila_hd.train.config import (
     BatchConfig,
     CheckpointConfig,
     CompileConfig,

@@ -1,16 +1,16 @@
 """A PS3 pre-training run from its recipe: ``setup -> Trainer.train -> export``.
 
-Everything around the model is the MLLM stages' machinery, reused as is: :class:`train.trainer.Trainer` (the
+Everything around the model is the MLLM stages' machinery, reused as is: :class:`vila_hd.train.trainer.Trainer` (the
 DeepSpeed loop: ZeRO, bf16, gradient clipping, warm-up + cosine, loss normalised by global counts, logs, MFU),
-:mod:`train.checkpoint` (atomic checkpoints, exact resume, keep-last-N), :class:`train.data.sampler.StepSampler`
-and :class:`train.stage.StageData` (the data position is the step count), :class:`train.flops.FlopsModel` (MFU) and
-:func:`train.trainer.consolidated_state_dict` (ZeRO-3 gathering for the export). This module adds the PS3 pieces:
+:mod:`vila_hd.train.checkpoint` (atomic checkpoints, exact resume, keep-last-N), :class:`vila_hd.train.data.sampler.StepSampler`
+and :class:`vila_hd.train.stage.StageData` (the data position is the step count), :class:`vila_hd.train.flops.FlopsModel` (MFU) and
+:func:`vila_hd.train.trainer.consolidated_state_dict` (ZeRO-3 gathering for the export). This module adds the PS3 pieces:
 the training forward (:class:`PS3PretrainStep`), the box-caption data, and the export in the official PS3 layout
 to ``<output_dir>/final``.
 
     vila-hd pretrain configs/ps3/tiny_demo.yaml                  # one process (CPU or one GPU)
-    torchrun --nproc_per_node 8 -m train.pretrain.loop configs/ps3/ps3_4k_siglip.yaml
-    deepspeed --num_gpus 8 --module train.pretrain.loop configs/ps3/ps3_4k_siglip.yaml --set batch.micro_batch_size=16
+    torchrun --nproc_per_node 8 -m vila_hd.train.pretrain.loop configs/ps3/ps3_4k_siglip.yaml
+    deepspeed --num_gpus 8 --module vila_hd.train.pretrain.loop configs/ps3/ps3_4k_siglip.yaml --set batch.micro_batch_size=16
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.data.sampler import StepSampler
 from vila_hd.ps3 import PS3Config, PS3Tokenizer, preset_config
+from vila_hd.train.data.sampler import StepSampler
 
 from .config import PretrainConfig, load_pretrain_config
 from .data import BoxCaptionDataset, collate_box_caption
@@ -116,7 +116,7 @@ def build_model(config: PretrainConfig) -> PS3ForPretraining:
         model.train_only_selection()
     model.set_gradient_checkpointing(m.gradient_checkpointing)
     if config.compile.enabled:
-        from train.compile import compile_pretraining_blocks, describe
+        from vila_hd.train.compile import compile_pretraining_blocks, describe
 
         compiled = compile_pretraining_blocks(model, config.compile)
         if _rank() == 0:
@@ -192,8 +192,8 @@ def _records(config: PretrainConfig):
 
 
 def build_pretrain_data(config: PretrainConfig, model: PS3ForPretraining, world: int, rank: int, grad_accum: int):
-    """The trainer's data object (:class:`train.stage.StageData` over :class:`EpochKeyedSampler`)."""
-    from train.stage import StageData
+    """The trainer's data object (:class:`vila_hd.train.stage.StageData` over :class:`EpochKeyedSampler`)."""
+    from vila_hd.train.stage import StageData
 
     if config.data.synthetic is not None:
         prepare_synthetic(config)
@@ -209,13 +209,13 @@ def build_pretrain_data(config: PretrainConfig, model: PS3ForPretraining, world:
 
 # --- FLOPs -----------------------------------------------------------------------------------------------------------
 def pretrain_flops(model: PS3ForPretraining, context_length: int | None = None) -> Any:
-    """``flops(batch)`` of one micro-batch, with the MLLM trainer's convention (:mod:`train.flops`): 6 x params x
+    """``flops(batch)`` of one micro-batch, with the MLLM trainer's convention (:mod:`vila_hd.train.flops`): 6 x params x
     tokens for trained towers plus attention, for the trunk over 729 low-res + one step of selected patches per
     image and for the text tower over its context. Global-caption images skip the high-res step (all but one
     when a micro-batch holds only global captions: one runs as a dummy). In selection-only training the towers
     run forward only (factor 2) and the high-res pass is skipped. The selection ConvNet and heads (< 1%) are not
     counted."""
-    from train.flops import FlopsModel
+    from vila_hd.train.flops import FlopsModel
 
     vision, text = model.config.vision_config, model.config.text_config
     trunk = model.vision_model.trunk
@@ -257,7 +257,7 @@ def _barrier() -> None:
 def _deepspeed_template(spec: str | dict) -> dict:
     if isinstance(spec, dict):
         return spec
-    from train.config import deepspeed_config_path
+    from vila_hd.train.config import deepspeed_config_path
 
     with open(deepspeed_config_path(spec)) as f:
         return json.load(f)
@@ -265,7 +265,7 @@ def _deepspeed_template(spec: str | dict) -> dict:
 
 def export_final(trainer, model: PS3ForPretraining, out_dir: str) -> None:
     """Gathered weights (ZeRO-3 partitions joined) in the official PS3 layout (all ranks call)."""
-    from train.trainer import consolidated_state_dict
+    from vila_hd.train.trainer import consolidated_state_dict
 
     state = consolidated_state_dict(trainer.engine, model)
     if _rank() == 0:
@@ -287,8 +287,8 @@ class PretrainRun:
 def run_pretrain(config: PretrainConfig, resume: bool = True, until: int | None = None) -> PretrainRun:
     """Train to ``max_steps`` / ``epochs`` (or stop after step ``until`` with a checkpoint, as a preempted job
     would), resuming from ``<output_dir>/checkpoints/latest`` when asked."""
-    from train.stage import grad_accumulation
-    from train.trainer import Trainer, TrainerHooks, TrainerSettings, init_distributed
+    from vila_hd.train.stage import grad_accumulation
+    from vila_hd.train.trainer import Trainer, TrainerHooks, TrainerSettings, init_distributed
 
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()

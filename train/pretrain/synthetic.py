@@ -1,6 +1,6 @@
 """Seeded synthetic box-caption data for tests and the CPU demo of PS3 pre-training.
 
-Scenes come from the synthetic benchmark's renderer (:mod:`eval.synthetic`: its cluttered gradient background,
+Scenes come from the synthetic benchmark's renderer (:mod:`vila_hd.eval.synthetic`: its cluttered gradient background,
 turned grey, its shape drawing and non-overlapping placement); on top of the clutter a few small shapes of distinct
 colours are drawn, each with a box and a local caption ("a red circle"), and the image gets a global caption listing them. A
 word-level tokenizer covering the vocabulary can be written next to the data, so the demo needs no download.
@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from eval import synthetic as bench
+from vila_hd.eval import synthetic as bench
 from vila_hd.ps3 import PS3Config
 from vila_hd.ps3.configuration import tiny_text_config, tiny_vision_config
 
@@ -75,7 +75,7 @@ def make_records(
     """``n`` in-memory records ``{"image": PIL, "global_caption", "boxes": [{"box", "caption"}]}``.
 
     ``size`` is a side, (width, height), or ((min_w, max_w), (min_h, max_h)) for images of varying shape;
-    ``clutter`` scales the background's decoy shapes (:func:`eval.synthetic._background`).
+    ``clutter`` scales the background's decoy shapes (:func:`vila_hd.eval.synthetic._background`).
     """
     if isinstance(size, int):
         size = (size, size)

@@ -43,9 +43,9 @@ def build_vila_hd(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llava_compat.vila_checkpoint import _dtype_kwargs, read_vision_config
+    from vila_hd.compat.vila_checkpoint import _dtype_kwargs, read_vision_config
+    from vila_hd.hub import resolve_model_dir, strict_from_pretrained
     from vila_hd.model.configuration import VilaHDConfig
-    from vila_hd.model.hub import resolve_model_dir, strict_from_pretrained
     from vila_hd.model.modeling import VilaHDForConditionalGeneration, default_attn_implementation
     from vila_hd.processing import VilaHDProcessor
     from vila_hd.ps3 import PS3ImageProcessor, PS3VisionModel

@@ -747,12 +747,12 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         can run code), and a local-looking path that does not exist is an error, never a Hub download. A directory
         whose configs name custom code (``auto_map``) is refused before anything is read from it.
 
-        Missing or unexpected tensors are a :class:`~vila_hd.model.hub.CheckpointError` naming them;
+        Missing or unexpected tensors are a :class:`~vila_hd.hub.CheckpointError` naming them;
         ``allow_missing_keys`` / ``allow_unexpected_keys`` (regular expressions searched in the full key, e.g.
         ``[r"^mm_projector\\.top_down_prompt_head\\."]`` to start a new prompt head fresh) allow them explicitly.
         The keys are those of this model (``language_model.*``, ``vision_tower.*``, ``mm_projector.*``) in both
         layouts."""
-        from vila_hd.model.hub import (
+        from vila_hd.hub import (
             locate_directory,
             pop_key_allowances,
             refuse_custom_code,
@@ -771,7 +771,7 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         if not local:  # the snapshot (metadata + safetensors) is checked for custom code before it is read
             path = resolve_model_dir(path, kind="model", **_hub_kwargs(kwargs))
         if model_type in VILA_MODEL_TYPES:
-            from llava_compat.vila_checkpoint import load_vila_model
+            from vila_hd.compat.vila_checkpoint import load_vila_model
 
             kwargs, allow_missing, allow_unexpected = pop_key_allowances(kwargs)
             return load_vila_model(

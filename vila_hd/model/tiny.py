@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from llava_compat.conversation import CHATML_TEMPLATE
+from vila_hd.compat.conversation import CHATML_TEMPLATE
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]

@@ -54,7 +54,7 @@ class PS3ImageProcessor(BaseImageProcessor):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """``BaseImageProcessor.from_pretrained``; a local-looking path that does not exist is an error, never a
         Hub download, and a directory whose configs name custom code (``auto_map``) is refused."""
-        from ..model.hub import locate, refuse_custom_code
+        from vila_hd.hub import locate, refuse_custom_code
 
         path, local = locate(pretrained_model_name_or_path, "PS3 image processor")
         if local:

@@ -38,10 +38,10 @@ class PS3PreTrainedModel(PreTrainedModel):
         files is refused: unpickling can run code); a local-looking path that does not exist is an error, never
         a Hub download; a directory whose configs name custom code (``auto_map``) is refused.
 
-        Missing or unexpected tensors are a :class:`~vila_hd.model.hub.CheckpointError` naming them (the other
+        Missing or unexpected tensors are a :class:`~vila_hd.hub.CheckpointError` naming them (the other
         tower's and the contrastive scalars of a full ``ps3`` checkpoint are ignored by design);
         ``allow_missing_keys`` / ``allow_unexpected_keys`` (regular expressions searched in the key) allow them."""
-        from vila_hd.model.hub import (
+        from vila_hd.hub import (
             locate_directory,
             refuse_custom_code,
             refuse_pickled_weights,

@@ -99,7 +99,7 @@ class PS3Tokenizer:
         self.strip_sep_token = strip_sep_token
         self.language = None
         if os.path.isdir(os.path.expanduser(self.tokenizer_name)):
-            from ..model.hub import refuse_custom_code
+            from vila_hd.hub import refuse_custom_code
 
             refuse_custom_code(os.path.expanduser(self.tokenizer_name), "PS3 tokenizer")
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name, trust_remote_code=False, **kwargs)
@@ -208,7 +208,7 @@ def _resolve_files(name_or_path: str, hub_kwargs: dict[str, Any]) -> Callable[[s
     """Return a function mapping a file name to a local path (None when absent) for a directory or Hub repo."""
     local = os.path.expanduser(name_or_path)
     if os.path.isdir(local):
-        from ..model.hub import refuse_custom_code
+        from vila_hd.hub import refuse_custom_code
 
         refuse_custom_code(local, "PS3 tokenizer")
         return lambda filename: os.path.join(local, filename)
