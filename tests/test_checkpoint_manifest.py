@@ -397,6 +397,18 @@ def test_a_manifest_listing_paths_outside_the_checkpoint_is_refused(tmp_path):
     assert ckpt.verify(str(folder)) == "manifest.json: lists '../../outside', not a file of the checkpoint"
 
 
+@pytest.mark.parametrize("key", ["sha256", "size"])
+def test_a_flipped_bit_in_an_entry_key_reads_as_an_altered_manifest(tmp_path, key):
+    """A flip can land in a key (``sha256`` -> ``sha356``, the low bit of a digit): the manifest is then altered,
+    told by its checksum, whichever byte the flip hit (not a malformed entry)."""
+    folder = tmp_path / "step_00000002"
+    folder.mkdir()
+    (folder / ckpt.STATE_FILE).write_text("{}")
+    text = json.dumps(ckpt.build_manifest(str(folder)))
+    (folder / ckpt.MANIFEST).write_text(text.replace(f'"{key}"', f'"{key}x"' if key == "size" else '"sha356"', 1))
+    assert ckpt.verify(str(folder)).startswith("manifest.json: altered")
+
+
 # --- 5. the manifest is the last file, written atomically; every rank's files are in it -------------------------------
 class FakeEngine:
     """Writes DeepSpeed-like files (the order of a checkpoint's files does not depend on the model)."""

@@ -365,11 +365,12 @@ def _read_manifest(checkpoint_dir: str) -> tuple[dict[str, tuple[int, str]] | No
         with open(os.path.join(checkpoint_dir, MANIFEST)) as f:
             manifest = json.load(f)
         files = manifest["files"]
-        listed = {str(rel): (int(v["size"]), str(v["sha256"])) for rel, v in files.items()}
-        listing = manifest.get("files_sha256")
+        # The checksum first: a flipped byte in an entry's key reads as altered, not as a malformed entry.
+        intact = manifest.get("files_sha256") == _listing_digest(files)
+        listed = {str(rel): (int(v["size"]), str(v["sha256"])) for rel, v in files.items()} if intact else {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return None, f"{MANIFEST}: unreadable ({type(err).__name__})"
-    if listing != _listing_digest(files):
+    if not intact:
         return None, f"{MANIFEST}: altered (its checksum of the file list does not match)"
     for rel in listed:
         if os.path.isabs(rel) or ".." in rel.split("/") or rel == MANIFEST:
