@@ -110,7 +110,7 @@ def serve_in_process(model: str, device: str | None, max_batch_size: int, client
 
 
 def tiny_checkpoint(folder: str) -> str:
-    from vila_hd.model.tiny import build_tiny_model
+    from vila_hd.builder import build_tiny_model
 
     model, processor = build_tiny_model("tiny", seed=0)
     model.save_pretrained(folder)

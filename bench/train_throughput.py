@@ -46,9 +46,9 @@ QWEN2_1_5B = dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, nu
 
 def build_model(preset: str, attn: str | None):
     """Random-weight model and the ids the synthetic data needs: (model, image_token_id, look_close)."""
+    from vila_hd.builder import build_tiny_model
     from vila_hd.model import VilaHDForConditionalGeneration
     from vila_hd.model.configuration import VilaHDConfig
-    from vila_hd.model.tiny import build_tiny_model
     from vila_hd.ps3 import preset_config
 
     if preset == "tiny":

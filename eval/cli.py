@@ -1,4 +1,4 @@
-"""Command lines of the evaluation package: ``eval_main`` (``vila-hd eval``) and ``synth_main`` (``vila-hd synth``).
+"""The evaluation commands of ``vila-hd``: ``EVAL`` (``vila-hd eval``) and ``SYNTH`` (``vila-hd synth``).
 
     vila-hd eval --benchmark vstar --data vstar_bench/ --model DIR_OR_HUB_ID --output outputs/eval/vstar
     vila-hd eval --benchmark hrbench --data hr_bench_4k.tsv --model M --output out/hr4k --sweep steps=1,2,4,6
@@ -18,10 +18,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vila_hd.cli import positive_int
+from vila_hd.arguments import Command, UsageError, dispatch, positive_int
+from vila_hd.eval import synthetic
 from vila_hd.eval.benchmarks import ALIASES, BENCHMARKS, FormatError, build_benchmark
 from vila_hd.eval.benchmarks.base import ANSWER_PARSERS
 from vila_hd.eval.replies import REPLY_FORMATS, load_replies, read_replies  # noqa: F401  (read_replies: public here)
+from vila_hd.serve.arguments import add_generation_arguments, add_limit_arguments, load_engine
 
 GENERATION_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                      "top_k": "top_k", "steps": "steps", "tokens": "tokens", "mode": "mode"}
@@ -37,12 +39,7 @@ examples:
 Run the same command again to resume an interrupted run."""
 
 
-def build_eval_parser() -> argparse.ArgumentParser:
-    from vila_hd.cli import add_generation_arguments, add_limit_arguments
-
-    parser = argparse.ArgumentParser(prog="vila-hd eval", description=EVAL_DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Formats, scoring rules and outputs: docs/evaluation.md.")
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("benchmark")
     data.add_argument("--benchmark", required=True, metavar="NAME",
                       help=f"one of {', '.join(sorted(BENCHMARKS))} (aliases: {', '.join(sorted(ALIASES))})")
@@ -86,34 +83,31 @@ def build_eval_parser() -> argparse.ArgumentParser:
     model.add_argument("--device-map", metavar="MAP", help="'auto' spreads the model over the visible GPUs")
     model.add_argument("--load-4bit", action="store_true", help="4-bit LLM weights (bitsandbytes, CUDA)")
     add_generation_arguments(parser)
-    add_limit_arguments(parser)  # load_engine reads them (vila_hd.cli.serving_limits)
+    add_limit_arguments(parser)  # load_engine reads them (vila_hd.serve.arguments.serving_limits)
     parser.set_defaults(max_new_tokens=64)
-    return parser
 
 
-def eval_main(argv: Sequence[str] | None = None) -> int:
+def run_eval(args: argparse.Namespace) -> int:
     """``vila-hd eval``: returns the exit code (2 for bad arguments, 1 for a failed run)."""
     from vila_hd.eval.harness import distributed_rank_world, run_benchmark, summary_markdown
     from vila_hd.eval.sweep import parse_budgets, run_sweep, sweep_markdown
 
-    parser = build_eval_parser()
-    args = parser.parse_args(argv)
     if args.model is None and args.replies is None:
-        parser.error("give --model (run a model) or --replies (score saved replies)")
+        raise UsageError("give --model (run a model) or --replies (score saved replies)")
     if args.model is not None and args.replies is not None:
-        parser.error("give --model (run a model) or --replies (score saved replies), not both")
+        raise UsageError("give --model (run a model) or --replies (score saved replies), not both")
     if args.replies is not None and not os.path.isfile(args.replies):
         what = "is a directory, not a file" if os.path.isdir(args.replies) else "does not exist"
-        parser.error(f"--replies: {args.replies} {what}")  # exit code 2, as a missing --data file
+        raise UsageError(f"--replies: {args.replies} {what}")  # exit code 2, as a missing --data file
     if args.replies and (args.sweep or args.mc_mode == "likelihood"):
-        parser.error("--sweep and --mc-mode likelihood need a model (--model)")
+        raise UsageError("--sweep and --mc-mode likelihood need a model (--model)")
     try:
         budgets = parse_budgets(args.sweep) if args.sweep else None
         options = _key_values(args.bench_options)
         benchmark = build_benchmark(args.benchmark, args.data, image_root=args.image_root,
                                     instruction=args.instruction, answer_parser=args.answer_parser, **options)
     except (ValueError, TypeError, FileNotFoundError) as err:
-        parser.error(str(err))
+        raise UsageError(str(err)) from None
     try:
         benchmark.samples()  # a malformed file fails here, before a model is loaded
         predictor, replies, run_info = _model_or_replies(args, benchmark)
@@ -149,7 +143,6 @@ def _model_or_replies(args: argparse.Namespace, benchmark):
     if args.replies:
         replies = load_replies(args.replies, benchmark, args.replies_format)
         return None, replies, {"replies_file": os.path.abspath(args.replies)}
-    from vila_hd.cli import load_engine
     from vila_hd.eval.predictor import EnginePredictor
 
     if args.device is None and args.device_map is None and "LOCAL_RANK" in os.environ:
@@ -173,21 +166,18 @@ def _key_values(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def synth_main(argv: Sequence[str] | None = None) -> int:
-    """``vila-hd synth``: generate the synthetic high-resolution benchmark (``vila_hd.eval.synthetic``)."""
-    from vila_hd.eval.synthetic import main
-
-    return main(argv)
+EVAL = Command("eval", help="run benchmarks", add_arguments=add_eval_arguments, run=run_eval,
+               description=EVAL_DESCRIPTION, epilog="Formats, scoring rules and outputs: docs/evaluation.md.",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+SYNTH = Command("synth", help="generate the synthetic high-resolution benchmark", add_arguments=synthetic.add_arguments,
+                run=synthetic.run, description=synthetic.DESCRIPTION, epilog=synthetic.EPILOG)
+# The commands on their own, for Python callers (argv -> exit code) and tests.
+eval_main, synth_main, build_eval_parser = EVAL.main, SYNTH.main, EVAL.parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vila_hd.eval.cli eval ...`` / ``python -m vila_hd.eval.cli synth ...`` (also under torchrun)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"eval": eval_main, "synth": synth_main}
-    if not argv or argv[0] not in commands:
-        print("usage: python -m vila_hd.eval.cli {eval,synth} ...", file=sys.stderr)
-        return 2
-    return commands[argv[0]](argv[1:])
+    return dispatch((EVAL, SYNTH), list(sys.argv[1:] if argv is None else argv), "python -m vila_hd.eval.cli")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vila_hd.arguments import parse_look_close
+
 MODEL_NAME = "vila_hd"
 CLASS_PATH = "vila_hd.eval.lmms_eval_model.VilaHDLmms"
 _GENERATION_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k"}
@@ -58,7 +60,7 @@ def build_model_class(base: type | None = None) -> type:
             self.defaults: dict[str, Any] = {"max_new_tokens": int(max_new_tokens)}
             for key, value in (("steps", steps), ("tokens", tokens), ("mode", mode)):
                 if value not in (None, ""):
-                    self.defaults[key] = value if key == "mode" or value == "all" else int(value)
+                    self.defaults[key] = value if key == "mode" else parse_look_close(key, value)
 
         @property
         def batch_size(self) -> int:

@@ -87,7 +87,7 @@ class EnginePredictor:
         the prompt's KV cache, which is cut back to the prompt afterwards."""
         import torch
 
-        from vila_hd.model.modeling import CACHE_FIELD, crop_cache
+        from vila_hd.model.cache import CACHE_FIELD, crop_cache
 
         engine = self.engine
         processor, model = engine.processor, engine.model

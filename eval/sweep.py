@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vila_hd.arguments import parse_look_close
 from vila_hd.eval.benchmarks.base import Benchmark
 from vila_hd.eval.harness import run_benchmark
 from vila_hd.eval.plot import Series, line_chart
@@ -32,10 +33,10 @@ def parse_budgets(spec: str) -> list[dict[str, Any]]:
     budgets, seen = [], set()
     for raw in values.split(","):
         raw = raw.strip()
-        if raw != "all":
-            if not raw.isdigit():
-                raise ValueError(f"sweep value {raw!r} in {spec!r} is not a non-negative integer or 'all'")
-            raw = int(raw)
+        try:
+            raw = parse_look_close("", raw)
+        except ValueError:
+            raise ValueError(f"sweep value {raw!r} in {spec!r} is not a non-negative integer or 'all'") from None
         if raw in seen:
             raise ValueError(f"sweep value {raw!r} appears twice in {spec!r}")
         seen.add(raw)

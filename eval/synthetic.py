@@ -50,13 +50,14 @@ import string
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from vila_hd.scenes import OBJECT_COLOURS, SHAPES, Placer, draw_background, draw_shape
 
 CATEGORIES = ("text", "object", "pattern")
 # Largest size of the critical detail in low-resolution pixels (the invisibility rule; see the module docstring).
@@ -70,12 +71,9 @@ TEXT_ALPHABET = "ACDEFHJKLMNPRTUVWXY345679"  # no look-alikes (0/O, 1/I, 2/Z, 5/
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 
-OBJECT_COLOURS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 60, 220), "yellow": (230, 190, 0),
-                  "purple": (140, 40, 170), "orange": (245, 120, 0), "black": (20, 20, 20)}
 LABEL_COLOURS = {"yellow": (255, 232, 110), "pink": (255, 175, 200), "cyan": (160, 225, 255),
                  "green": (170, 235, 160), "orange": (255, 195, 130), "lavender": (205, 185, 255),
                  "white": (250, 250, 250)}
-SHAPES = ("circle", "square", "triangle", "plus", "diamond")
 PATTERNS = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard")
 PAD_COLOUR = (215, 215, 215)
 
@@ -142,28 +140,7 @@ def difficulty(category: str, critical_px: float) -> str:
     return "hard" if ratio <= 1.25 else "medium" if ratio <= 2.0 else "easy"
 
 
-# --- drawing helpers ----------------------------------------------------------------------------------------
-class Placer:
-    """Places boxes without overlap (with a margin) by rejection sampling."""
-
-    def __init__(self, rng: random.Random, size: int, margin: int):
-        self.rng, self.size, self.margin, self.boxes = rng, size, margin, []
-
-    def place(self, w: int, h: int, tries: int = 200) -> tuple[int, int, int, int] | None:
-        for _ in range(tries):
-            x = self.rng.randint(self.margin, self.size - w - self.margin)
-            y = self.rng.randint(self.margin, self.size - h - self.margin)
-            box = (x, y, x + w, y + h)
-            if all(_apart(box, other, self.margin) for other in self.boxes):
-                self.boxes.append(box)
-                return box
-        return None
-
-
-def _apart(a, b, margin: int) -> bool:
-    return a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1]
-
-
+# --- drawing helpers (shapes, background, placement: vila_hd.scenes) -------------------------------------
 @functools.lru_cache(maxsize=128)
 def _font(size: int):
     try:
@@ -187,26 +164,6 @@ def _font_for_height(text: str, height: int) -> tuple[Any, int, tuple[int, int, 
     return best
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: Sequence[int], colour) -> None:
-    x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
-    if kind == "circle":
-        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=colour)
-    elif kind == "square":
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=colour)
-    elif kind == "triangle":
-        draw.polygon([(x0 + w / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=colour)
-    elif kind == "diamond":
-        draw.polygon([(x0 + w / 2, y0), (x1 - 1, y0 + h / 2), (x0 + w / 2, y1 - 1), (x0, y0 + h / 2)], fill=colour)
-    elif kind == "plus":
-        t = max(1, round(w / 3))
-        cx, cy = x0 + (w - t) // 2, y0 + (h - t) // 2
-        draw.rectangle([cx, y0, cx + t - 1, y1 - 1], fill=colour)
-        draw.rectangle([x0, cy, x1 - 1, cy + t - 1], fill=colour)
-    else:  # pragma: no cover - SHAPES is closed
-        raise ValueError(kind)
-
-
 def pattern_array(kind: str, size: int, width: int, colour, background=(255, 255, 255)) -> np.ndarray:
     """(size, size, 3) uint8 patch: stripes / checks of ``width`` pixels (period ``2 * width``)."""
     y, x = np.mgrid[0:size, 0:size]
@@ -224,28 +181,6 @@ def pattern_array(kind: str, size: int, width: int, colour, background=(255, 255
     out[:] = background
     out[on] = colour
     return out
-
-
-def draw_background(rng: random.Random, size: int, clutter: float) -> Image.Image:
-    """A two-colour gradient with large shapes: structure that survives any downscale."""
-    a = np.array([rng.randint(60, 200) for _ in range(3)], np.float32)
-    b = np.array([rng.randint(60, 200) for _ in range(3)], np.float32)
-    t = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
-    column = (a * (1 - t) + b * t).astype(np.uint8)  # (size, 1, 3)
-    image = Image.fromarray(np.repeat(column, size, axis=1))
-    draw = ImageDraw.Draw(image)
-    for _ in range(int(40 * clutter)):
-        w, h = (rng.randint(size // 40, size // 6) for _ in range(2))
-        x, y = rng.randint(-w // 2, size - w // 2), rng.randint(-h // 2, size - h // 2)
-        colour = tuple(rng.randint(30, 225) for _ in range(3))
-        kind = rng.choice(("rectangle", "ellipse", "line"))
-        if kind == "rectangle":
-            draw.rectangle([x, y, x + w, y + h], fill=colour)
-        elif kind == "ellipse":
-            draw.ellipse([x, y, x + w, y + h], fill=colour)
-        else:
-            draw.line([x, y, x + w, y + h], fill=colour, width=max(2, size // 200))
-    return image
 
 
 # --- targets ---------------------------------------------------------------------------------------------
@@ -369,10 +304,6 @@ def _pattern_target(rng, image, placer, config: SynthConfig, split: str) -> Targ
     return Target("pattern", question, kind, [p for p in PATTERNS if p != kind], target_box, float(period))
 
 
-# The scene pieces are shared with PS3 pre-training's synthetic data (train/pretrain/synthetic.py), which
-# uses the older private names.
-_Placer, _background, _shape = Placer, draw_background, draw_shape
-
 _TARGETS = {"text": _text_target, "object": _object_target, "pattern": _pattern_target}
 
 
@@ -471,9 +402,12 @@ def low_res_view(image: Image.Image, low_res: int) -> Image.Image:
 
 
 # --- CLI -------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vila-hd synth", description=__doc__.split("\n\n")[0],
-                                     epilog="The invisibility rule and the file formats: docs/evaluation.md.")
+# ``vila-hd synth`` (vila_hd.eval.cli.SYNTH): its help texts, arguments and run.
+DESCRIPTION = __doc__.split("\n\n")[0]
+EPILOG = "The invisibility rule and the file formats: docs/evaluation.md."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=1512, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--low-res", type=int, default=378,
@@ -487,20 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of multiple-choice questions (default: %(default)s)")
     parser.add_argument("--clutter", type=float, default=1.0, help="density of clutter and decoys (default: 1)")
     parser.add_argument("--format", choices=["png", "jpg"], default="png", help="image format (default: png)")
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``vila-hd synth``: write the benchmark to ``--out``; exit code 0 (a bad setting is a usage error)."""
+    from vila_hd.arguments import UsageError
+
     if args.train < 0 or args.test < 0:
-        parser.error("--train and --test must be >= 0")
+        raise UsageError("--train and --test must be >= 0")
     try:
         config = SynthConfig(image_size=args.image_size, low_res=args.low_res, train=args.train, test=args.test,
                              seed=args.seed, categories=tuple(c.strip() for c in args.categories.split(",") if c.strip()),
                              mc_fraction=args.mc_fraction, clutter=args.clutter, image_format=args.format)
     except ValueError as err:
-        parser.error(str(err))
+        raise UsageError(str(err)) from None
     meta = generate(config, args.out, progress=sys.stderr.isatty())
     print(json.dumps(meta["counts"], indent=2))
     return 0

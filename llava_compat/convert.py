@@ -12,8 +12,7 @@ import os
 import re
 import sys
 
-import torch
-
+from vila_hd.arguments import Command
 from vila_hd.quiet import drop_deepspeed_banners
 
 DESCRIPTION = """Convert a checkpoint between the VILA layout (llm/, vision_tower/, mm_projector/) and the
@@ -42,10 +41,7 @@ def shard_size(value: str) -> int:
     return size
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(
-        prog="vila-hd convert", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, choices=["vila", "hf"], help="layout to write")
     parser.add_argument("src", metavar="SRC", help="checkpoint directory or Hub id (either layout)")
     parser.add_argument("dst", metavar="DST", help="output directory (must not exist or be empty)")
@@ -64,15 +60,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "llm/ and vision_tower/ of the VILA layout) (default: %(default)s)",
     )
     parser.add_argument("--force", action="store_true", help="write into a non-empty dst")
-    return parser
 
 
 def resolve_source(src: str) -> str:
     """The local directory of checkpoint ``src`` (a Hub id is downloaded: metadata and safetensors only), checked
     to be one of the two layouts. A local-looking path that is a file or missing is an error, never a Hub
     request; a directory without ``config.json`` or without weights is refused with one line."""
-    from vila_hd.compat.vila_checkpoint import is_vila_checkpoint
     from vila_hd.hub import refuse_pickled_weights, resolve_checkpoint
+    from vila_hd.model.vila_layout import is_vila_checkpoint
 
     path = resolve_checkpoint(src, "checkpoint")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -93,11 +88,13 @@ def convert(
 ) -> None:
     """Load ``src`` (either layout) and write it to ``dst`` in layout ``to`` (``vila`` or ``hf``);
     ``max_shard_size``: bytes, or a size string as transformers reads it (``"5GB"``)."""
-    from vila_hd.cli import check_chat_template, naming_model
+    import torch
+
     from vila_hd.compat.vila_checkpoint import export_vila_checkpoint
+    from vila_hd.dtypes import resolve_dtype
     from vila_hd.errors import naming_file
-    from vila_hd.model import VilaHDForConditionalGeneration
-    from vila_hd.processing import VilaHDProcessor
+    from vila_hd.loading import load_pretrained
+    from vila_hd.serve.arguments import check_chat_template, naming_model
 
     if to not in ("vila", "hf"):
         raise ValueError(f"--to must be 'vila' or 'hf', got {to!r}")
@@ -106,11 +103,9 @@ def convert(
         raise ValueError(f"src and dst are the same directory ({dst}); write the converted checkpoint elsewhere")
     if os.path.isdir(dst) and os.listdir(dst) and not force:
         raise FileExistsError(f"{dst} exists and is not empty (use --force to write into it)")
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    torch_dtype = resolve_dtype(dtype, torch.device("cpu")) if dtype else None
     with naming_model(src):
-        model = VilaHDForConditionalGeneration.from_pretrained(src, **kwargs)
-        processor = VilaHDProcessor.from_pretrained(src)
+        model, processor = load_pretrained(src, dtype=torch_dtype, device="cpu")  # fp32 unless dtype
         check_chat_template(processor, src)
     if torch_dtype is not None:
         model.to(torch_dtype)
@@ -123,15 +118,17 @@ def convert(
             export_vila_checkpoint(model, processor, dst, max_shard_size=max_shard_size)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``vila-hd convert`` (the CLI passes the arguments after ``convert``)."""
-    args = build_parser().parse_args(argv)
-    convert(args.src, args.dst, args.to, args.dtype, args.max_shard_size, args.force)  # errors: vila_hd.cli.main
+def run(args: argparse.Namespace) -> int:
+    """``vila-hd convert``: errors are reported by ``vila_hd.cli.main``."""
+    convert(args.src, args.dst, args.to, args.dtype, args.max_shard_size, args.force)
     print(f"wrote {args.to} checkpoint to {args.dst}")
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover - errors printed as vila-hd prints them
-    from vila_hd.cli import main as vila_hd_main
+CONVERT = Command("convert", help="convert checkpoints between the VILA layout and our single directory",
+                  add_arguments=add_arguments, run=run, description=DESCRIPTION,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+main = CONVERT.main  # ``main(argv)``: the command from Python, as the other commands' ``*_main``
 
-    sys.exit(vila_hd_main(["convert", *sys.argv[1:]]))
+if __name__ == "__main__":  # pragma: no cover - `vila-hd convert` reports errors in one line
+    sys.exit(main())

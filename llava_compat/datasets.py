@@ -36,8 +36,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vila_hd.compat.conversation import IMAGE_TOKEN, flatten_messages, llava_to_messages
+from vila_hd.compat.conversation import llava_to_messages
 from vila_hd.errors import FileFormatError, describe
+from vila_hd.templates import IMAGE_TOKEN, flatten_messages
 
 FORMATS = ("llava", "messages")
 

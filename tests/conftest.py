@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
 def tiny(request: pytest.FixtureRequest):
     """``(model, processor)`` of the ``tiny`` preset, seeded with the module's ``TINY_SEED`` (default 0). Built
     once per test module (a few ms), not per session: tests may train the model or change it in place."""
-    from vila_hd.model.tiny import build_tiny_model
+    from vila_hd.builder import build_tiny_model
 
     return build_tiny_model("tiny", seed=getattr(request.module, "TINY_SEED", 0))
 

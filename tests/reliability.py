@@ -146,7 +146,7 @@ def _contents_section(c: dict) -> list[str]:
         "",
         "- No code from a checkpoint directory runs. Before any transformers `Auto*` call, every loader (VILA-HD "
         "and PS3 `from_pretrained`, the processors, the PS3 tokenizer, the VILA layout loader, the stage-1 builder,"
-        " `engine.load_model` / `vila_hd.load`, a LoRA adapter directory) refuses an `auto_map` at any depth of "
+        " `vila_hd.loading.load_pretrained` / `vila_hd.load`, a LoRA adapter directory) refuses an `auto_map` at any depth of "
         "`config.json`, `tokenizer_config.json`, `processor_config.json` or `preprocessor_config.json`, in the "
         "directory and in its `llm/`, `vision_tower/`, `mm_projector/` folders (`CustomCodeError`, naming the key, "
         "the file and the `.py` it points at). Every transformers / peft `from_pretrained` / `from_config` call "
@@ -284,7 +284,7 @@ def render(figures: dict, outcomes: dict, full: bool) -> str:
         "## Loading safety (`tests/test_loading_safety.py`)",
         "",
         "- Weights are read from safetensors only: PS3 and VILA-HD `from_pretrained`, the VILA layout loader, "
-        "`engine.load_model` / `vila_hd.load` (model and LoRA adapter) refuse a directory with only `.bin` / `.pt` "
+        "`vila_hd.loading.load_pretrained` / `vila_hd.load` (model and LoRA adapter) refuse a directory with only `.bin` / `.pt` "
         "files with a message; `use_safetensors=False` / `weights_only=False` are refused.",
         "- Training resume reads DeepSpeed's files with `torch.load(weights_only=True)` (DeepSpeed itself uses "
         "`weights_only=False`); a planted pickle raises `UnsafeCheckpointError` and is not executed.",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vila_hd.model.tiny import build_tiny_model
+from vila_hd.builder import build_tiny_model
 
 
 def rgb(seed: int, size=(320, 240)) -> Image.Image:

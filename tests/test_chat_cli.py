@@ -356,11 +356,11 @@ def test_top_level_help_lists_the_commands(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for name in ("chat", "infer", *cli.FORWARDED):
+    for name in ("chat", "infer", *cli.COMMANDS):
         assert f"    {name}" in out
 
 
-@pytest.mark.parametrize("name", sorted(cli.FORWARDED))
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
 def test_forwarded_commands_reach_their_own_parser(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([name, "--help"])

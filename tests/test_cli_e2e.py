@@ -95,11 +95,12 @@ def engine(tiny_checkpoint):
     return Engine.from_pretrained(tiny_checkpoint, options=GenerationOptions(max_new_tokens=3))
 
 
-# --- argument wiring (in process: what every model-loading command hands to vila_hd.cli.load_engine) ---------------
+# --- argument wiring (in process: what every model-loading command hands to vila_hd.serve.arguments.load_engine) ---
 def test_every_model_loading_command_parses_what_load_engine_reads():
     from vila_hd import cli
     from vila_hd.engine import ServingLimits
     from vila_hd.eval.cli import build_eval_parser
+    from vila_hd.serve import arguments
 
     parsed = {
         "chat": cli.build_parser().parse_args(["chat", "--model", "m"]),
@@ -110,8 +111,8 @@ def test_every_model_loading_command_parses_what_load_engine_reads():
     for name, args in parsed.items():
         for attr in ("model", "adapter", "device", "dtype", "device_map", "load_4bit", "seed"):
             assert hasattr(args, attr), f"{name}: no {attr}"
-        cli.generation_options(args)
-        limits = cli.serving_limits(args)
+        arguments.generation_options(args)
+        limits = arguments.serving_limits(args)
         assert limits == (ServingLimits(max_images_per_prompt=3) if name == "eval" else ServingLimits()), name
     assert parsed["eval"].limit == 2  # --limit (samples) stays apart from the --limit-* serving limits
 
@@ -250,7 +251,7 @@ def test_eval_sweep_runs_each_budget(vila_hd, synth, tiny_checkpoint, tmp_path):
 # --- train, finetune-lora -> merge-lora ------------------------------------------------------------------------
 @needs_deepspeed
 def test_train_writes_a_checkpoint_from_its_recipe(vila_hd, tiny_checkpoint, tmp_path):
-    from vila_hd.train.config import part_of
+    from vila_hd.model.parts import part_of
 
     data = make_dataset(str(tmp_path / "data"), n=4)
     out = tmp_path / "run"
@@ -288,7 +289,7 @@ def test_finetune_lora_writes_an_adapter_of_its_base(finetuned, tiny_checkpoint)
 
 @needs_deepspeed
 def test_merge_lora_output_loads_and_answers_like_the_adapter(vila_hd, finetuned, tiny_checkpoint, image, tmp_path):
-    from vila_hd.engine import load_model
+    from vila_hd.loading import load_pretrained as load_model
     from vila_hd.model import VilaHDForConditionalGeneration
 
     succeeded(finetuned[0])
@@ -308,7 +309,7 @@ def test_merge_lora_output_loads_and_answers_like_the_adapter(vila_hd, finetuned
 
 # --- convert both ways ------------------------------------------------------------------------------------------
 def test_convert_round_trip_gives_the_same_logits(vila_hd, tiny_checkpoint, image, tmp_path):
-    from vila_hd.compat.vila_checkpoint import is_vila_checkpoint
+    from vila_hd.model.vila_layout import is_vila_checkpoint
 
     vila, hf = tmp_path / "vila", tmp_path / "hf"
     proc = succeeded(vila_hd("convert", "--to", "vila", tiny_checkpoint, vila))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vila_hd import cli, errors
+from vila_hd import arguments, cli, errors
 
 EXE = os.path.join(os.path.dirname(sys.executable), "vila-hd")
 ERROR_LINE = re.compile(r"^vila-hd( [a-z-]+)*: error: ")
@@ -125,8 +125,8 @@ def test_nonsense_flags_are_refused_by_name(capsys, argv, flag):
 def test_seed_bounds_are_torchs():
     import torch
 
-    assert cli.seed_arg(str(2**64 - 1)) == 2**64 - 1
-    torch.manual_seed(cli.seed_arg(str(2**64 - 1)))  # the largest accepted seed is one torch takes
+    assert arguments.seed_arg(str(2**64 - 1)) == 2**64 - 1
+    torch.manual_seed(arguments.seed_arg(str(2**64 - 1)))  # the largest accepted seed is one torch takes
     with pytest.raises((RuntimeError, ValueError)):
         torch.manual_seed(2**64)  # and the first refused is one torch refuses too
 
@@ -213,7 +213,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     def broken(argv):
         return {}["missing"]
 
-    monkeypatch.setattr(vila_hd.train.cli, "merge_lora_main", broken)
+    monkeypatch.setattr(vila_hd.train.cli.MERGE_LORA, "run", broken)
     with pytest.raises(KeyError):
         cli.main(["merge-lora", "--adapter", "a", "--out", "b"])
     assert not errors.is_user_error(TypeError("x")) and not errors.is_user_error(AttributeError("y"))
@@ -290,7 +290,7 @@ def test_project_error_types_are_user_errors(capsys, monkeypatch):
     def refuse(argv):
         raise UnsafeCheckpointError("/ckpt/step_2/model_states.pt holds objects other than tensors")
 
-    monkeypatch.setattr(vila_hd.train.cli, "merge_lora_main", refuse)
+    monkeypatch.setattr(vila_hd.train.cli.MERGE_LORA, "run", refuse)
     code, err = run_main(capsys, "merge-lora", "--adapter", "a", "--out", "b")
     assert code == 1
     one_error_line(err, "/ckpt/step_2/model_states.pt holds objects other than tensors")

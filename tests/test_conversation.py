@@ -5,7 +5,8 @@ from __future__ import annotations
 import jinja2
 import pytest
 
-from vila_hd.compat.conversation import (
+from vila_hd.compat.conversation import llava_to_messages, messages_to_llava
+from vila_hd.templates import (
     CHATML_TEMPLATE,
     KNOWN_TEMPLATES,
     LLAMA3_TEMPLATE,
@@ -15,8 +16,6 @@ from vila_hd.compat.conversation import (
     flatten_messages,
     last_token_before,
     latest_user_turn_end,
-    llava_to_messages,
-    messages_to_llava,
     template_family,
     user_turn_end_text,
 )

@@ -27,7 +27,7 @@ def _legacy_rope(cfg: dict) -> tuple[float, str | None, float | None]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_vila_export_writes_legacy_rope_fields(tmp_path, case):
-    from vila_hd.model.tiny import build_tiny_model
+    from vila_hd.builder import build_tiny_model
 
     model, processor = build_tiny_model("tiny", text_overrides=CASES[case])
     src, dst = tmp_path / "src", tmp_path / "vila"
@@ -47,7 +47,7 @@ def test_vila_export_writes_legacy_rope_fields(tmp_path, case):
     if case == "yarn":
         assert llm["rope_scaling"]["original_max_position_embeddings"] == 1024
     # The export still loads back (transformers 5 reads rope_parameters) with the same RoPE.
-    from vila_hd.compat.vila_checkpoint import load_vila_model
+    from vila_hd.model.modeling import load_vila_model
 
     back = load_vila_model(str(dst))
     assert back.language_model.config.rope_parameters == source

@@ -172,11 +172,12 @@ def test_data_check_refuses_a_checkpoint_naming_custom_code(planted, tmp_path, m
 # --- the library's loaders ----------------------------------------------------------------------------------------
 def _loaders():
     import vila_hd
-    from vila_hd.compat.vila_checkpoint import load_vila_model, load_vila_processor, read_vila_config
-    from vila_hd.engine import load_model
     from vila_hd.hub import resolve_model_dir
+    from vila_hd.loading import load_pretrained as load_model
     from vila_hd.model import VilaHDForConditionalGeneration
-    from vila_hd.processing import VilaHDProcessor
+    from vila_hd.model.modeling import load_vila_model
+    from vila_hd.model.vila_layout import read_vila_config
+    from vila_hd.processing import VilaHDProcessor, load_vila_processor
 
     return {
         "VilaHDForConditionalGeneration": VilaHDForConditionalGeneration.from_pretrained,
@@ -231,7 +232,7 @@ def test_ps3_loaders_refuse_a_planted_directory(ps3_dir, where, marker, reliabil
 
 def test_builder_and_stage_init_refuse_a_planted_llm(tiny, ps3_dir, tmp_path, marker):
     """The start of stage 1 (``init: {ps3, llm}``): the LLM directory is checked before transformers reads it."""
-    from vila_hd.model.builder import build_vila_hd
+    from vila_hd.builder import build_vila_hd
     from vila_hd.train.config import InitConfig, StageConfig
     from vila_hd.train.stage import load_init_processor
 
@@ -246,8 +247,8 @@ def test_builder_and_stage_init_refuse_a_planted_llm(tiny, ps3_dir, tmp_path, ma
 
 
 def test_an_adapter_directory_naming_custom_code_is_refused(checkpoint, tmp_path, marker):
-    from vila_hd.engine import load_model
     from vila_hd.hub import refuse_unsafe_adapter
+    from vila_hd.loading import load_pretrained as load_model
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -12,16 +12,12 @@ import torch
 from PIL import Image
 from serving_helpers import rgb
 
-from vila_hd.engine import (
-    Conversation,
-    Engine,
-    GenerationOptions,
-    _TextChunks,
-    choose_device,
-    choose_dtype,
-    load_model,
-)
+from vila_hd.dtypes import resolve_dtype as choose_dtype
+from vila_hd.engine import Conversation, Engine, GenerationOptions
+from vila_hd.engine.streaming import _TextChunks
 from vila_hd.images import ImageLoadError
+from vila_hd.loading import choose_device
+from vila_hd.loading import load_pretrained as load_model
 
 QUESTION = "What color is the car?"
 

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from vila_hd.builder import build_tiny_processor
 from vila_hd.compat import datasets as ds
-from vila_hd.model.tiny import build_tiny_processor
 from vila_hd.train.data.check import check_sample, check_sources
 from vila_hd.train.data.dataset import EncodedSample, SampleEncoder, SkippedSample, TrainingDataset
 

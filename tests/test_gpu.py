@@ -43,7 +43,7 @@ def test_ps3_cuda_matches_cpu():
 def test_vila_hd_generation_cuda_matches_cpu():
     from PIL import Image
 
-    from vila_hd.model.tiny import build_tiny_model
+    from vila_hd.builder import build_tiny_model
 
     model, processor = build_tiny_model("tiny", seed=1)
     chat = [{"role": "user", "content": "<image>\nWhat colour is the small square?"}]
@@ -125,7 +125,7 @@ def test_the_training_forward_and_look_close_never_synchronise_on_cuda(tmp_path)
     waits for the device (including blocking copies from the host)."""
     from train_helpers import step_samples
 
-    from vila_hd.model.tiny import build_tiny_model
+    from vila_hd.builder import build_tiny_model
     from vila_hd.train.data.collate import Collator
     from vila_hd.train.model_step import VilaHDTrainStep
     from vila_hd.train.trainer import _to_device

@@ -120,8 +120,10 @@ def test_ps3_from_pretrained_refuses_pickles(tiny, tmp_path, marker):
 
 @pytest.mark.parametrize("part", ["llm", "vision_tower", "mm_projector"])
 def test_vila_layout_loader_refuses_pickles(tiny, tmp_path, marker, part):
-    from vila_hd.compat.vila_checkpoint import CheckpointError, export_vila_checkpoint, load_vila_model
+    from vila_hd.compat.vila_checkpoint import export_vila_checkpoint
+    from vila_hd.hub import CheckpointError
     from vila_hd.model import VilaHDForConditionalGeneration
+    from vila_hd.model.modeling import load_vila_model
 
     path = str(tmp_path / "vila")
     export_vila_checkpoint(*tiny, path)
@@ -133,7 +135,7 @@ def test_vila_layout_loader_refuses_pickles(tiny, tmp_path, marker, part):
 
 def test_engine_and_api_refuse_pickled_models(vila_hd_dir, marker):
     import vila_hd
-    from vila_hd.engine import load_model
+    from vila_hd.loading import load_pretrained as load_model
 
     _replace_weights(vila_hd_dir, marker)
     with pytest.raises(OSError, match="only pickled weights"):
@@ -144,7 +146,7 @@ def test_engine_and_api_refuse_pickled_models(vila_hd_dir, marker):
 
 def test_engine_refuses_a_pickled_lora_adapter(tiny, vila_hd_dir, tmp_path, marker):
     peft = pytest.importorskip("peft")
-    from vila_hd.engine import load_model
+    from vila_hd.loading import load_pretrained as load_model
 
     language_model = copy.deepcopy(tiny[0].language_model)  # peft wraps in place: the shared model stays as it is
     adapter = str(tmp_path / "adapter")
@@ -367,10 +369,10 @@ def no_hub(monkeypatch):
 
 def _entry_points():
     import vila_hd
-    from vila_hd.compat.vila_checkpoint import load_vila_model
-    from vila_hd.engine import load_model
     from vila_hd.hub import resolve_model_dir
+    from vila_hd.loading import load_pretrained as load_model
     from vila_hd.model import VilaHDForConditionalGeneration
+    from vila_hd.model.modeling import load_vila_model
     from vila_hd.processing import VilaHDProcessor
     from vila_hd.ps3 import PS3ImageProcessor, PS3Model, PS3Tokenizer, PS3VisionModel
 
@@ -409,7 +411,7 @@ def test_missing_local_paths_are_errors_not_downloads(entry, tmp_path, monkeypat
 
 
 def test_existing_local_checkpoints_load_without_the_hub(vila_hd_dir, tmp_path, monkeypatch, no_hub):
-    from vila_hd.engine import load_model
+    from vila_hd.loading import load_pretrained as load_model
 
     model, processor = load_model(vila_hd_dir, device="cpu")
     assert model.config.model_type == "vila_hd" and processor.image_token
@@ -424,7 +426,7 @@ def test_hub_ids_still_go_to_the_hub(monkeypatch):
     """The guard only stops local-looking paths: ``owner/name`` is downloaded (here: a stub)."""
     import huggingface_hub
 
-    from vila_hd.model import hub
+    from vila_hd import hub
 
     asked = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(repo) or "/nowhere")

@@ -1,4 +1,4 @@
-"""The top-down prefix pass's plan (train/data/prefix.py) against a plain per-row reading of the same rule, on
+"""The top-down prefix pass's plan (vila_hd/model/prefix_plan.py) against a plain per-row reading of the same rule, on
 random rows: samples of random lengths packed into rows, images (low-res then high-res tokens) at random places,
 prompts after their image."""
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vila_hd.train.data.prefix import prefix_plan
+from vila_hd.model.prefix_plan import prefix_plan
 
 LOW, HIGH = 2, 3  # tokens per image: low-res, then high-res
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vila_hd.model.tiny import build_tiny_processor, build_tiny_tokenizer, tiny_config
+from vila_hd.builder import build_tiny_processor
+from vila_hd.model.tiny import build_tiny_tokenizer, tiny_config
 from vila_hd.model.token_layout import TokenLayoutSpec, image_token_layout
 from vila_hd.processing import VilaHDProcessor
 

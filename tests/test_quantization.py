@@ -27,7 +27,7 @@ def _settings(config) -> dict:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_qlora_and_4bit_serving_quantise_alike(monkeypatch, dtype):
-    from vila_hd.engine import _four_bit_config
+    from vila_hd.loading import _four_bit_config
     from vila_hd.train.lora import four_bit_config
 
     monkeypatch.setattr(quantization, "require_four_bit_support", lambda *a, **k: None)
@@ -42,7 +42,7 @@ def test_qlora_and_4bit_serving_quantise_alike(monkeypatch, dtype):
 def test_four_bit_needs_bitsandbytes_and_a_gpu_and_says_which_setting_asked():
     if torch.cuda.is_available():
         pytest.skip("the refusal is for machines without a CUDA GPU")
-    from vila_hd.engine import _four_bit_config
+    from vila_hd.loading import _four_bit_config
     from vila_hd.train.lora import four_bit_config
 
     with pytest.raises(ConfigError, match=r"lora\.quantize=4bit \(QLoRA\) needs bitsandbytes and a CUDA GPU"):

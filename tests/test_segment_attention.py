@@ -86,9 +86,9 @@ def test_a_table_naming_a_missing_row_or_of_the_wrong_shape_is_refused():
 
 def test_the_training_switch_is_not_saved_with_the_model(tmp_path):
     """Segment attention is a training-time choice: a model saved after it loads with its own implementation."""
+    from vila_hd.builder import build_tiny_model
     from vila_hd.model import VilaHDForConditionalGeneration
     from vila_hd.model.attention import SEGMENT_ATTENTION
-    from vila_hd.model.tiny import build_tiny_model
     from vila_hd.train.model_step import VilaHDTrainStep
 
     model, _ = build_tiny_model("tiny")

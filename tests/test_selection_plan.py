@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from vila_hd.model.tiny import build_tiny_processor
+from vila_hd.builder import build_tiny_processor
 from vila_hd.model.token_layout import image_token_layout
 from vila_hd.ps3.geometry import highres_grids, plan_selection
 

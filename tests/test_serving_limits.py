@@ -17,6 +17,7 @@ from vila_hd import cli
 from vila_hd.chat import ChatSession
 from vila_hd.engine import Engine, GenerationOptions, LimitExceeded, ServingLimits
 from vila_hd.images import ImageLoadError
+from vila_hd.serve import arguments
 
 QUESTION = "What color is the car?"
 
@@ -208,7 +209,7 @@ def test_limit_flags_parse(files):
     parser = cli.build_parser()
     args = parser.parse_args(["infer", "--model", "m", "--input", "i", "--output", "o", "--limit-images", "none",
                               "--limit-new-tokens", "64"])
-    limits = cli.serving_limits(args)
+    limits = arguments.serving_limits(args)
     assert limits == ServingLimits(max_images_per_prompt=None, max_new_tokens=64)
     with pytest.raises(SystemExit):
         parser.parse_args(["chat", "--model", "m", "--limit-images", "0"])

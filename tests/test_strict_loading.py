@@ -156,7 +156,7 @@ def test_the_intact_checkpoint_loads_bit_for_bit(checkpoint):
 
 def test_training_init_and_the_engine_refuse_half_a_model(checkpoint):
     """What ``init: {model: DIR}`` (train/stage.py) and ``vila-hd chat`` / ``infer`` / ``eval`` load through."""
-    from vila_hd.engine import load_model
+    from vila_hd.loading import load_pretrained as load_model
     from vila_hd.train.lora import load_base_model
 
     rewrite(checkpoint, without(DROPPED))
@@ -334,7 +334,7 @@ def test_convert_refuses_an_unknown_backbone_in_one_line(vila_dir, tmp_path, rel
 
 # --- a known gap, left to the builder's owner ---------------------------------------------------------------------
 def test_the_stage_1_builder_refuses_an_llm_with_a_tensor_removed(tiny, ps3_dir, tmp_path):
-    from vila_hd.model.builder import build_vila_hd
+    from vila_hd.builder import build_vila_hd
 
     llm = tmp_path / "llm"
     tiny[0].language_model.save_pretrained(llm)

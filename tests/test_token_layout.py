@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vila_hd.model.configuration import VilaHDConfig, preset_config
+from vila_hd.model.configuration import VilaHDConfig
+from vila_hd.model.presets import preset_config
 from vila_hd.model.token_layout import (
     TokenLayoutSpec,
     highres_grid_sizes,

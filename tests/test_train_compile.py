@@ -13,7 +13,7 @@ import torch
 from tolerances import assert_fp_close, fp_approx
 from train_helpers import losses, make_dataset, one_thread, stage_dict, step_samples  # noqa: F401
 
-from vila_hd.model.tiny import build_tiny_model
+from vila_hd.builder import build_tiny_model
 from vila_hd.train.compile import compile_blocks, is_compiled, llm_blocks, vision_blocks
 from vila_hd.train.config import CompileConfig, load_stage, stage_from_dict
 from vila_hd.train.data.collate import Collator

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from vila_hd.builder import build_tiny_processor
 from vila_hd.compat import datasets as ds
-from vila_hd.compat.conversation import KNOWN_TEMPLATES
-from vila_hd.model.tiny import build_tiny_processor
 from vila_hd.processing import VilaHDProcessor
+from vila_hd.templates import KNOWN_TEMPLATES
 from vila_hd.train.data.collate import Collator
 from vila_hd.train.data.dataset import IGNORE_INDEX, SampleEncoder, SkippedSample, TrainingDataset
 from vila_hd.train.data.packing import pack

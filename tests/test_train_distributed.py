@@ -17,7 +17,8 @@ from train_helpers import fresh_job_env, losses, make_dataset, one_thread, stage
 
 pytest.importorskip("deepspeed")
 
-from vila_hd.train.config import part_of, stage_from_dict  # noqa: E402
+from vila_hd.model.parts import part_of  # noqa: E402
+from vila_hd.train.config import stage_from_dict  # noqa: E402
 from vila_hd.train.stage import run_stage  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def test_zero2_then_zero3_stages_on_two_processes(tmp_path, one_thread):  # noqa
         assert two[step] == fp_approx(one[step]), (step, two, one)
 
     first = load_file(os.path.join(align["output_dir"], "final", "model.safetensors"))
-    from vila_hd.model.tiny import build_tiny_model
+    from vila_hd.builder import build_tiny_model
 
     init, _ = build_tiny_model("tiny", seed=42)
     for name, value in init.state_dict().items():

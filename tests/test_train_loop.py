@@ -15,8 +15,9 @@ from train_helpers import fresh_job_env, lm_losses, losses, make_dataset, one_th
 
 pytest.importorskip("deepspeed")
 
-from vila_hd.model.tiny import build_tiny_model  # noqa: E402
-from vila_hd.train.config import part_of, stage_from_dict  # noqa: E402
+from vila_hd.builder import build_tiny_model  # noqa: E402
+from vila_hd.model.parts import part_of  # noqa: E402
+from vila_hd.train.config import stage_from_dict  # noqa: E402
 from vila_hd.train.stage import run_stage  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +150,7 @@ def test_lora_checkpoint_reload_and_merge(data, tmp_path):
     with torch.no_grad():
         assert_fp_close(merged.eval()(**inputs).logits, trained)
     # The inference loader of chat / eval takes the adapter directory directly.
-    from vila_hd.engine import load_model
+    from vila_hd.loading import load_pretrained as load_model
 
     chat_model, _ = load_model(adapter, device="cpu", dtype="float32")
     with torch.no_grad():
@@ -158,7 +159,7 @@ def test_lora_checkpoint_reload_and_merge(data, tmp_path):
 
 def test_finetune_lora_cli_on_a_custom_dataset_then_data_check_and_merge(data, tmp_path, tiny_checkpoint):
     """The README's worked example on a tiny checkpoint: data check -> finetune-lora -> merge-lora -> chat."""
-    from vila_hd.engine import load_model
+    from vila_hd.loading import load_pretrained as load_model
     from vila_hd.train.cli import data_main, finetune_lora_main, merge_lora_main
 
     base = str(tiny_checkpoint)

@@ -46,7 +46,7 @@ def test_lora_wrap_and_adapter_load_raise_no_deprecation_warning(tiny, tmp_path)
     import copy
     import warnings
 
-    from vila_hd.engine import _apply_adapter
+    from vila_hd.loading import _apply_adapter
     from vila_hd.train.config import LoraConfig
     from vila_hd.train.lora import apply_lora, save_adapter
 

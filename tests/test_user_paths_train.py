@@ -302,7 +302,7 @@ def test_the_outside_media_hint_names_the_flag_or_the_yaml_key(capsys, tmp_path,
 
 # --- the parameter table counts each parameter once (finding 23) --------------------------------------------
 def test_lora_parameter_table_counts_fully_trained_modules_once(data, tmp_path):
-    from vila_hd.model.tiny import build_tiny_model
+    from vila_hd.builder import build_tiny_model
     from vila_hd.train.config import stage_from_dict
     from vila_hd.train.lora import apply_lora
     from vila_hd.train.stage import set_trainable, trainable_summary

@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from vila_hd.compat.convert import main as convert_main
 from vila_hd.compat.convert import shard_size
-from vila_hd.compat.vila_checkpoint import CheckpointError, is_vila_checkpoint, read_vila_config
+from vila_hd.hub import CheckpointError
 from vila_hd.model import VilaHDForConditionalGeneration
-from vila_hd.processing import VilaHDProcessor, write_chat_template
+from vila_hd.model.vila_layout import is_vila_checkpoint, read_vila_config
+from vila_hd.processing import VilaHDProcessor
+from vila_hd.templates import write_chat_template
 
 
 def rgb(seed: int) -> Image.Image:
@@ -335,7 +337,7 @@ def test_hub_ids_resolve_like_local_directories(tiny, vila_dir, monkeypatch):
 
 
 def test_builder_assembles_from_ps3_and_llm(tiny, tmp_path):
-    from vila_hd.model.builder import build_vila_hd
+    from vila_hd.builder import build_vila_hd
 
     model, processor = tiny
     ps3_dir, llm_dir = tmp_path / "ps3", tmp_path / "llm"

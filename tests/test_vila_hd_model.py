@@ -13,10 +13,11 @@ from serving_helpers import rgb
 from tolerances import assert_fp_close
 from transformers import AutoModelForImageTextToText, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
+from vila_hd.builder import build_tiny_model
 from vila_hd.host_syncs import count_host_syncs
 from vila_hd.model import VilaHDForConditionalGeneration
 from vila_hd.model.projector import VilaHDProjector, gather_groups, space_to_channel
-from vila_hd.model.tiny import build_tiny_model, tiny_config
+from vila_hd.model.tiny import tiny_config
 
 
 def chat(processor, content, history=()):

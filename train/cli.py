@@ -1,12 +1,14 @@
-"""Command-line entry points of training (wired into ``vila-hd``; also ``python -m vila_hd.train.cli COMMAND ...``).
+"""The training commands of ``vila-hd`` (also ``python -m vila_hd.train.cli COMMAND ...``).
 
     vila-hd train configs/stages/sft.yaml [--set key=value ...] [--no-resume]
     vila-hd finetune-lora --model DIR --data train.json --media images/ [--output-dir DIR] [--set ...]
     vila-hd merge-lora --adapter DIR --out DIR
     vila-hd data check CONFIG_OR_FILE [--media DIR] [--model DIR | --preset tiny]
+    vila-hd pretrain configs/ps3/tiny_demo.yaml [--set key=value ...]
 
-Each ``*_main(argv)`` parses its own arguments and returns an exit code. ``train`` and ``finetune-lora`` run
-under ``deepspeed`` / ``torchrun`` (or plain ``python`` for one process).
+Each is a :class:`vila_hd.arguments.Command` (``add_arguments``, ``run(args) -> exit code``); the training code
+is imported when one runs. ``train``, ``finetune-lora`` and ``pretrain`` run under ``deepspeed`` / ``torchrun``
+(or plain ``python`` for one process).
 """
 
 from __future__ import annotations
@@ -18,8 +20,18 @@ import traceback
 from collections.abc import Sequence
 
 from vila_hd import errors
-from vila_hd.cli import look_close_arg, naming_model, non_negative_int, positive_float, positive_int
+from vila_hd.arguments import (
+    Command,
+    UsageError,
+    dispatch,
+    look_close_arg,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from vila_hd.serve.arguments import naming_model
 from vila_hd.train.config import CONFIG_ROOT
+from vila_hd.train.pretrain import arguments as pretrain_arguments
 
 LORA_RECIPE = os.path.join(CONFIG_ROOT, "stages", "lora.yaml")
 
@@ -29,16 +41,17 @@ def _set_args(parser: argparse.ArgumentParser) -> None:
                         help="override a recipe field (YAML value), e.g. --set data.max_length=4096; repeatable")
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
-    """``vila-hd train``: run one stage recipe."""
-    parser = argparse.ArgumentParser(prog="vila-hd train", description="Train one VILA-HD stage from its YAML recipe "
-                                     "(run under deepspeed / torchrun for several GPUs).")
+# --- vila-hd train ---------------------------------------------------------------------------------------------
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="stage recipe, e.g. configs/stages/sft.yaml")
     _set_args(parser)
     parser.add_argument("--no-resume", action="store_true",
                         help="start from the init even if the output directory holds checkpoints")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``vila-hd train``: run one stage recipe."""
     from vila_hd.train.config import load_stage
     from vila_hd.train.stage import run_stage
 
@@ -91,11 +104,8 @@ def _default(recipe: dict, key: str) -> str:
     return "default: the recipe's" if value is None else f"recipe default: {value}"
 
 
-def finetune_lora_main(argv: Sequence[str] | None = None) -> int:
-    """``vila-hd finetune-lora``: LoRA on a custom dataset (LLaVA JSON/JSONL or a ``messages`` dataset)."""
-    parser = argparse.ArgumentParser(prog="vila-hd finetune-lora",
-                                     description="LoRA fine-tuning of a VILA-HD checkpoint on your data. Unset flags "
-                                     f"take the values of --recipe (defaults below: {LORA_RECIPE}).")
+# --- vila-hd finetune-lora, merge-lora -------------------------------------------------------------------------
+def _finetune_lora_arguments(parser: argparse.ArgumentParser) -> None:
     recipe = _recipe_defaults(LORA_RECIPE)
     parser.add_argument("--model", required=True, help="VILA-HD checkpoint directory to start from")
     parser.add_argument("--data", required=True, help="LLaVA .json/.jsonl, a .parquet file or a saved dataset dir")
@@ -129,7 +139,10 @@ def finetune_lora_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-resume", action="store_true", help="start from --model even if --output-dir holds "
                         "checkpoints of an earlier run (default: resume from the latest one)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def _finetune_lora(args: argparse.Namespace) -> int:
+    """``vila-hd finetune-lora``: LoRA on a custom dataset (LLaVA JSON/JSONL or a ``messages`` dataset)."""
     from vila_hd.train.config import load_stage, refuse_output_in_init
     from vila_hd.train.stage import run_stage
 
@@ -160,10 +173,7 @@ def finetune_lora_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def merge_lora_main(argv: Sequence[str] | None = None) -> int:
-    """``vila-hd merge-lora``: fold an adapter into its base model."""
-    parser = argparse.ArgumentParser(prog="vila-hd merge-lora",
-                                     description="Write a merged checkpoint from a LoRA adapter directory.")
+def _merge_lora_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json names its base)")
     parser.add_argument("--out", required=True, help="output directory of the merged checkpoint")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
@@ -171,7 +181,10 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out (never into the "
                         "adapter's base checkpoint): the *.safetensors files and model.safetensors.index.json "
                         "of an earlier checkpoint there are deleted first; other files are kept")
-    args = parser.parse_args(argv)
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    """``vila-hd merge-lora``: fold an adapter into its base model."""
     import torch
 
     import vila_hd.train.trainer  # noqa: F401 - its logging filter drops DeepSpeed's banner (save_pretrained imports it)
@@ -184,18 +197,8 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def data_main(argv: Sequence[str] | None = None) -> int:
-    """``vila-hd data check``: validate training data; exit code 0 when no sample is bad, 1 when a bad sample is
-    found, 2 when the data cannot be checked at all (a missing file, a JSON document that does not parse, a data
-    file of an unknown kind, a model that does not load)."""
-    parser = argparse.ArgumentParser(prog="vila-hd data", description="Data tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="report every sample training would skip, with its reason",
-                           description="Check training data before training: every sample training would skip "
-                           "(missing or unreadable image, bad turns, too long after image-token expansion, ...) is "
-                           "listed with its reason, and warnings for samples trained on but maybe not as meant. "
-                           "Exit code 0: no bad sample; 1: bad samples found; 2: the data cannot be checked at all "
-                           "(a missing or unreadable data file, a model that does not load).")
+# --- vila-hd data check ---------------------------------------------------------------------------------------
+def _check_arguments(check: argparse.ArgumentParser) -> None:
     check.add_argument("target", metavar="CONFIG_OR_FILE",
                        help="a stage recipe, a dataset registry YAML, or a data file / saved dataset directory")
     check.add_argument("--media", help="media folder of a data file: image paths are relative to it and must stay "
@@ -221,12 +224,17 @@ def data_main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="(for a stage recipe) override a field it reads: " + ", ".join(CHECK_READS))
-    args = parser.parse_args(argv)
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``vila-hd data check``: validate training data; exit code 0 when no sample is bad, 1 when a bad sample is
+    found, 2 when the data cannot be checked at all (a missing file, a JSON document that does not parse, a data
+    file of an unknown kind, a model that does not load)."""
     ignored = [item for item in args.overrides if not _read_by_check(item, args.target)]
     if ignored:
-        check.error(f"--set {ignored[0]}: data check reads only "
-                    + (", ".join(CHECK_READS) + " of a stage recipe" if _kind(args.target) == "stage"
-                       else "a stage recipe's fields (this target is not one)"))
+        raise UsageError(f"--set {ignored[0]}: data check reads only "
+                         + (", ".join(CHECK_READS) + " of a stage recipe" if _kind(args.target) == "stage"
+                            else "a stage recipe's fields (this target is not one)"))
     try:
         report = run_check(args)
     except (OSError, ValueError, KeyError) as err:  # a data file that cannot be opened at all: say which and why
@@ -308,8 +316,36 @@ def run_check(args):
     return check_sources(sources, encoder, load_images=not args.no_images, workers=args.workers)
 
 
-COMMANDS = {"train": train_main, "finetune-lora": finetune_lora_main, "merge-lora": merge_lora_main,
-            "data": data_main}
+# --- vila-hd pretrain ------------------------------------------------------------------------------------------
+def _pretrain(args: argparse.Namespace) -> int:
+    from vila_hd.train.pretrain.loop import pretrain
+
+    return pretrain(args)
+
+
+# --- the commands ----------------------------------------------------------------------------------------------
+TRAIN = Command("train", help="train one VILA-HD stage from its YAML recipe", add_arguments=_train_arguments,
+                run=_train, description="Train one VILA-HD stage from its YAML recipe (run under deepspeed / torchrun "
+                "for several GPUs).")
+FINETUNE_LORA = Command("finetune-lora", help="LoRA fine-tuning (adapters keep the projector)",
+                        add_arguments=_finetune_lora_arguments, run=_finetune_lora,
+                        description="LoRA fine-tuning of a VILA-HD checkpoint on your data. Unset flags take the "
+                        f"values of --recipe (defaults below: {LORA_RECIPE}).")
+MERGE_LORA = Command("merge-lora", help="fold a LoRA adapter into its base checkpoint",
+                     add_arguments=_merge_lora_arguments, run=_merge_lora,
+                     description="Write a merged checkpoint from a LoRA adapter directory.")
+DATA_CHECK = Command("check", help="report every sample training would skip, with its reason",
+                     add_arguments=_check_arguments, run=_check,
+                     description="Check training data before training: every sample training would skip (missing or "
+                     "unreadable image, bad turns, too long after image-token expansion, ...) is listed with its "
+                     "reason, and warnings for samples trained on but maybe not as meant. Exit code 0: no bad sample; "
+                     "1: bad samples found; 2: the data cannot be checked at all (a missing or unreadable data file, "
+                     "a model that does not load).")
+DATA = Command("data", help="data tools (`vila-hd data check`)", description="Data tools.", subcommands=(DATA_CHECK,))
+PRETRAIN = pretrain_arguments.command(_pretrain)
+
+# The commands on their own, for Python callers (argv -> exit code).
+train_main, finetune_lora_main, merge_lora_main, data_main = TRAIN.main, FINETUNE_LORA.main, MERGE_LORA.main, DATA.main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,10 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The `deepspeed` launcher puts --local_rank=N before the user's arguments; the rank comes from the
     # environment (LOCAL_RANK) anyway.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m vila_hd.train.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
-        return 2
-    return COMMANDS[argv[0]](argv[1:])
+    return dispatch((TRAIN, FINETUNE_LORA, MERGE_LORA, DATA), argv, "python -m vila_hd.train.cli")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage recipes: typed dataclasses, YAML loading with unknown-key errors, and ``--set key=value`` overrides.
 
-A stage YAML (see ``configs/stages/``) names its init, its trainable parts with their learning rates, the
-data mixture, the look-close settings used in training, the DeepSpeed config and the loop settings::
+A stage YAML (see ``configs/stages/``) names its init, its trainable parts (those the model declares, see
+:mod:`vila_hd.model.parts`) with their learning rates, the data mixture, the look-close settings used in
+training, the DeepSpeed config and the loop settings::
 
     stage: sft
     init: {model: outputs/pretrain/final}       # or {ps3: ..., llm: ...} or {preset: tiny}
@@ -36,36 +37,6 @@ from vila_hd.errors import ConfigError, naming_file
 
 # The shipped recipes (package data vila_hd.configs), found the same way in a source tree and after pip install.
 CONFIG_ROOT = str(configs.path())
-
-# Trainable parts of VILA-HD and the parameter-name prefixes that make them. `prior_prompt` (bottom-up
-# selection only) and PS3's pooled head (`trunk.norm`, `trunk.attn_pool`; unused by VILA-HD) are never trained.
-_VM = "vision_tower.vision_model."
-PARTS: dict[str, tuple[str, ...]] = {
-    "prompt_head": ("mm_projector.top_down_prompt_head.",),
-    "projector": ("mm_projector.",),
-    "selection": (_VM + "selection_feature_proj.", _VM + "highres_selection_feature_module.",
-                  _VM + "prompt_proj_for_highres."),
-    "vision_tower": (_VM + "trunk.patch_embed.", _VM + "trunk.pos_embed", _VM + "trunk.blocks.",
-                     _VM + "pos_emb_residual."),
-    "llm": ("language_model.",),
-}
-NEVER_TRAINED = (_VM + "prior_prompt", _VM + "trunk.norm.", _VM + "trunk.attn_pool.")
-
-
-def part_of(name: str) -> str | None:
-    """The part a parameter belongs to (first match in PARTS order; ``None`` for never-trained ones).
-
-    Names may carry a PEFT prefix (``base_model.model.``) and LoRA / modules_to_save infixes."""
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    name = name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
-    if name.startswith(NEVER_TRAINED):
-        return None
-    for part, prefixes in PARTS.items():
-        if name.startswith(prefixes):
-            return part
-    return None
 
 
 @dataclass
@@ -216,6 +187,8 @@ class StageConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
 
     def validate(self) -> None:
+        from vila_hd.model.parts import PARTS  # the parts the model declares
+
         self.init.validate()
         unknown = set(self.trainable) - set(PARTS)
         if unknown:

@@ -33,14 +33,14 @@ FULLY_TRAINED_MODULES = {
 
 
 def lora_targets(model: nn.Module, vision_tower: bool) -> list[str]:
-    """Full names of the linear layers that get LoRA (LLM except its head; PS3 trunk blocks if asked)."""
+    """Full names of the linear layers that get LoRA: the ``llm`` part's except its head, and the
+    ``vision_tower`` part's (PS3's trunk blocks) if asked."""
+    from vila_hd.model.parts import part_of
+
+    parts = ("llm", "vision_tower") if vision_tower else ("llm",)
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if name.startswith("language_model.") and not name.endswith("lm_head"):
-            names.append(name)
-        elif vision_tower and name.startswith("vision_tower.vision_model.trunk.blocks."):
+        if isinstance(module, nn.Linear) and part_of(name) in parts and not name.endswith("lm_head"):
             names.append(name)
     if not names:
         raise ValueError("no linear layer found for LoRA (is this a VILA-HD model?)")
@@ -75,8 +75,11 @@ def peft_quietly():
         yield
 
 
-def is_lora_param(name: str) -> bool:
-    return ".lora_" in name
+def in_adapter(name: str) -> bool:
+    """Whether an adapter file holds the tensor called ``name``: a LoRA matrix or a fully trained module's copy."""
+    from vila_hd.model.parts import place_of
+
+    return place_of(name).peft in ("lora", "copy")
 
 
 def save_adapter(peft_model, out_dir: str, processor, base_model: str, state_dict: dict | None = None) -> None:
@@ -95,19 +98,15 @@ def save_adapter(peft_model, out_dir: str, processor, base_model: str, state_dic
 
 def adapter_state_names(peft_model) -> list[str]:
     """Names (in the PeftModel) of the parameters an adapter file holds: LoRA and modules_to_save copies."""
-    return [n for n, _ in peft_model.named_parameters() if is_lora_param(n) or ".modules_to_save." in n]
+    return [n for n, _ in peft_model.named_parameters() if in_adapter(n)]
 
 
 def load_base_model(path: str, dtype: torch.dtype | None = None):
-    """A VILA-HD checkpoint (our layout or VILA's) and its processor."""
-    from vila_hd.model import VilaHDForConditionalGeneration
-    from vila_hd.processing import VilaHDProcessor
+    """A VILA-HD checkpoint (our layout or VILA's) and its processor, on the CPU (fp32 unless ``dtype``), with
+    :func:`vila_hd.loading.load_pretrained`."""
+    from vila_hd.loading import load_pretrained
 
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = VilaHDForConditionalGeneration.from_pretrained(path, **kwargs)
-    processor = VilaHDProcessor.from_pretrained(path)
-    model.set_generation_defaults(processor)
-    return model, processor
+    return load_pretrained(path, dtype=dtype, device="cpu")
 
 
 def adapter_base(adapter_dir: str) -> str | None:

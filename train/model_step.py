@@ -1,12 +1,12 @@
 """The VILA-HD training forward: what DeepSpeed wraps and the :class:`~vila_hd.train.trainer.Trainer` calls.
 
-:class:`VilaHDTrainStep` runs the same computation as ``VilaHDForConditionalGeneration.forward`` (its
-public pieces: ``encode_low_res``, ``project_low_res``, the prompt head, ``get_image_features``, the LLM),
-arranged for training:
+:class:`VilaHDTrainStep` runs ``VilaHDForConditionalGeneration``'s own multimodal forward, piece by piece
+(``embed_text``, ``encode_low_res``, ``project_low_res``, ``merge_image_embeddings``, ``top_down_prompts``,
+``get_image_features``, the LLM), arranged for training:
 
 - rows may be *packed* (several samples, position ids restarting at each sample), so each image has its own
   prompt position and the top-down prefix pass runs once over all rows, with high-res tokens removed and each
-  row cut after its last prompt (:mod:`vila_hd.train.data.prefix`);
+  row cut after its last prompt (:func:`vila_hd.model.prefix_plan.prefix_plan`);
 - samples do not attend to each other: segment attention (one causal call per sample span, see
   :mod:`vila_hd.model.attention`), or with ``llm_attention="model"`` the LLM's own block-diagonal mask;
 - the data-dependent indices (image tokens, targets, spans, prefix plan) come from the collator, found on the
@@ -23,6 +23,7 @@ normalises each by its global count (``batch["num_items"]``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +31,8 @@ import torch
 from torch import nn
 
 from vila_hd.model.attention import NO_MASKS, SEGMENT_ATTENTION, register_segment_attention, supports_segments
+from vila_hd.model.prefix_plan import PrefixPlan, prefix_plan
 from vila_hd.train.config import LLM_ATTENTION
-from vila_hd.train.data.prefix import PrefixPlan, prefix_plan
 from vila_hd.train.losses import lm_loss_sum, selection_loss, target_positions
 
 
@@ -68,19 +69,17 @@ class VilaHDTrainStep(nn.Module):
             )
         rows, cols = rows.view(placed, n_tok), cols.view(placed, n_tok)
 
-        embeds = m.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        embeds = m.embed_text(input_ids, image_mask)
         low = m.encode_low_res(pixel_values)
         low_embeds = m.project_low_res(low)
-        hidden = embeds.shape[-1]
-        embeds = embeds.index_put((rows[:, :n_low].reshape(-1), cols[:, :n_low].reshape(-1)),
-                                  low_embeds[:placed].reshape(-1, hidden).to(embeds.dtype))
+        embeds = m.merge_image_embeddings(embeds, rows[:, :n_low], cols[:, :n_low], low_embeds[:placed])
         prompts = None
         if self.mode == "after_prompt":
             prompts = self._prompts(embeds, batch, rows, cols, n_low, pixel_values.shape[0])
         feats = m.get_image_features(prompts=prompts, low_res=low, low_res_embeds=low_embeds, **self.look_close)
         if placed:
-            high = torch.cat([e[n_low:] for e in feats.embeds[:placed]]).to(embeds.dtype)
-            embeds = embeds.index_put((rows[:, n_low:].reshape(-1), cols[:, n_low:].reshape(-1)), high)
+            high = feats.high_res[:sum(feats.high_res_counts[:placed])]
+            embeds = m.merge_image_embeddings(embeds, rows[:, n_low:], cols[:, n_low:], high)
 
         lm = self._lm_loss(embeds, positions, targets, batch)
 
@@ -117,25 +116,16 @@ class VilaHDTrainStep(nn.Module):
         return lm_loss_sum(logits, targets[rows, cols])
 
     def _prompts(self, embeds, batch, rows, cols, n_low, num_images) -> torch.Tensor:
-        """Top-down prompts (num_images, C): the LLM (no gradient) over each row's tokens without the high-res
-        ones, up to the row's last prompt position (:mod:`vila_hd.train.data.prefix`); hidden state at each image's
-        prompt -> prompt head."""
-        m = self.model
-        prompt_index = batch["prompt_index"]
+        """Top-down prompts (num_images, C) from the model's prefix pass over each row's tokens without the high-res
+        ones, up to the row's last prompt position (:func:`vila_hd.model.prefix_plan.prefix_plan`); images placed
+        nowhere (the dummy) read row 0's first token."""
         plan = _prefix_plan(batch, rows, cols, n_low)
-        prefix_embeds = embeds[torch.arange(embeds.shape[0], device=embeds.device)[:, None], plan.order]
-        use = self.segments and plan.segments is not None
-        spans = {"segments": plan.segments, "attention_mask": NO_MASKS} if use else {}
-        with torch.no_grad():
-            out = m.language_model.base_model(inputs_embeds=prefix_embeds, position_ids=plan.positions,
-                                              use_cache=False, **spans)
-        states = out.last_hidden_state
-        at = [states[prompt_index[:, 0], plan.prompt_columns]]
-        extra = num_images - prompt_index.shape[0]
+        if not self.segments:
+            plan = dataclasses.replace(plan, segments=None)
+        extra = num_images - plan.prompt_rows.shape[0]
         if extra:
-            at.append(states[:1, 0].expand(extra, -1))
-        head_dtype = next(m.mm_projector.parameters()).dtype
-        return m.mm_projector.prompt(torch.cat(at).to(head_dtype))
+            plan = plan.with_unplaced(extra)
+        return self.model.top_down_prompts(embeds, plan)[0]
 
 
 # Index plans: from the collator when it found them on the CPU (no GPU sync), else computed here.

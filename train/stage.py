@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from vila_hd.compat import datasets as ds
-from vila_hd.train.config import PARTS, StageConfig, part_of, read_deepspeed_config
+from vila_hd.model.parts import PARTS, place_of
+from vila_hd.train.config import StageConfig, read_deepspeed_config
 from vila_hd.train.data.sampler import check_enough_samples
 
 # --- model ------------------------------------------------------------------------------------------
@@ -34,20 +35,21 @@ def load_init(config: StageConfig):
     init = config.init
     dtype = _dtype(config)
     if init.model is not None:
-        from vila_hd.train.lora import four_bit_config, load_base_model
+        from vila_hd.train.lora import load_base_model
 
         if config.lora is not None and config.lora.quantize == "4bit":
-            from vila_hd.model import VilaHDForConditionalGeneration
-            from vila_hd.processing import VilaHDProcessor
+            from vila_hd.loading import load_pretrained
+            from vila_hd.model.quantization import require_four_bit_support
 
-            model = VilaHDForConditionalGeneration.from_pretrained(
-                init.model, dtype=dtype, quantization_config=four_bit_config(dtype))
-            processor = VilaHDProcessor.from_pretrained(init.model)
-            model.set_generation_defaults(processor)
+            require_four_bit_support("lora.quantize=4bit (QLoRA)")  # names the recipe's setting, not --load-4bit
+            # bitsandbytes' own placement of a 4-bit model: the current CUDA device
+            model, processor = load_pretrained(init.model, dtype=dtype, device=f"cuda:{torch.cuda.current_device()}",
+                                               load_4bit=True)
         else:
             model, processor = load_base_model(init.model, dtype)
     elif init.preset is not None:
-        from vila_hd.model.tiny import TINY_PRESETS, build_tiny_model
+        from vila_hd.builder import build_tiny_model
+        from vila_hd.model.tiny import TINY_PRESETS
 
         if init.preset not in TINY_PRESETS:
             raise ValueError(f"init.preset must be a tiny preset {sorted(TINY_PRESETS)} (random weights); start real "
@@ -55,7 +57,7 @@ def load_init(config: StageConfig):
         model, processor = build_tiny_model(init.preset, seed=config.seed, **init.model_overrides)
         model = model.to(dtype)
     else:
-        from vila_hd.model.builder import build_vila_hd
+        from vila_hd.builder import build_vila_hd
 
         model, processor = build_vila_hd(init.ps3, init.llm, dtype=dtype, seed=config.seed, **init.model_overrides)
     if init.attn_implementation:
@@ -71,14 +73,14 @@ def load_init_processor(config: StageConfig):
 
         return VilaHDProcessor.from_pretrained(init.model)
     if init.preset is not None:
-        from vila_hd.model.tiny import build_tiny_processor
+        from vila_hd.builder import build_tiny_processor
 
         return build_tiny_processor(init.preset, **init.model_overrides)
     from transformers import AutoConfig, AutoTokenizer
 
-    from vila_hd.compat.vila_checkpoint import read_vision_config
     from vila_hd.hub import resolve_model_dir
     from vila_hd.model.configuration import VilaHDConfig
+    from vila_hd.model.vila_layout import read_vision_config
     from vila_hd.processing import VilaHDProcessor
 
     llm = resolve_model_dir(init.llm, kind="processor")  # metadata only; refuses a directory naming custom code
@@ -104,11 +106,12 @@ def set_trainable(model: torch.nn.Module, config: StageConfig) -> list[dict[str,
     groups: dict[tuple[str, bool], list] = defaultdict(list)
     lora = config.lora is not None
     for name, param in model.named_parameters():
-        part = part_of(name)
+        place = place_of(name)
+        part = place.part
         if lora:
-            train = (".lora_" in name and (part in rates or part == "vision_tower")) or \
-                    (".modules_to_save." in name and part in rates)
-            if ".lora_" in name and part not in rates:
+            train = (place.peft == "lora" and (part in rates or part == "vision_tower")) or \
+                    (place.peft == "copy" and part in rates)
+            if place.peft == "lora" and part not in rates:
                 part = "llm" if "llm" in rates else next(iter(rates), None)
         else:
             train = part in rates
@@ -128,9 +131,10 @@ def trainable_summary(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     fully trained module (``modules_to_save``) is left out, its trained copy is what the user's model holds."""
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, p in model.named_parameters():
-        if ".original_module." in name:
+        place = place_of(name)
+        if place.peft == "original":
             continue
-        key = part_of(name) or "never"
+        key = place.part or "never"
         out[key][1] += p.numel()
         if p.requires_grad:
             out[key][0] += p.numel()
@@ -261,7 +265,7 @@ def export_model(trainer, model, processor, out_dir: str) -> None:
 
 def export_adapter(engine, peft_model, processor, base: str, out_dir: str) -> None:
     """The LoRA adapter (PEFT format, with the fully trained modules) + processor (all ranks call)."""
-    from vila_hd.train.lora import adapter_state_names
+    from vila_hd.train.lora import adapter_state_names, in_adapter
     from vila_hd.train.trainer import gathered
 
     names = set(adapter_state_names(peft_model))
@@ -270,8 +274,7 @@ def export_adapter(engine, peft_model, processor, base: str, out_dir: str) -> No
         if _rank0():
             from vila_hd.train.lora import save_adapter
 
-            state = {k: v.detach().cpu().clone() for k, v in peft_model.state_dict().items()
-                     if ".lora_" in k or ".modules_to_save." in k}
+            state = {k: v.detach().cpu().clone() for k, v in peft_model.state_dict().items() if in_adapter(k)}
             save_adapter(peft_model, out_dir, processor, base, state_dict=state)
     if dist.is_initialized():
         dist.barrier()

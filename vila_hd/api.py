@@ -15,7 +15,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from vila_hd.engine import Engine, GenerationOptions, GenerationStats, ImageSelection, ServingLimits
+from vila_hd.engine.engine import Engine
+from vila_hd.engine.options import GenerationOptions, ServingLimits
+from vila_hd.engine.results import GenerationStats, ImageSelection
 
 
 class VilaHD:

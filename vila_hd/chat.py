@@ -14,13 +14,14 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from vila_hd.engine import Engine, GenerationOptions, GenerationResult, LimitExceeded
+from vila_hd.arguments import Command
 from vila_hd.images import ImageLoadError, PixelLimitError
+from vila_hd.serve.arguments import add_generation_arguments, add_limit_arguments, add_model_arguments, load_engine
 
-COMMAND = "chat"
-HELP = "interactive chat (streamed answers, images, selection maps), or one answer with --prompt"
+if TYPE_CHECKING:  # the engine (torch) is imported when the command runs: `vila-hd --help` stays fast
+    from vila_hd.engine import Engine, GenerationOptions, GenerationResult
 
 COMMANDS_HELP = """commands:
   /image PATH [PATH...]  add image(s); they go with your next message (several per conversation)
@@ -34,7 +35,6 @@ COMMANDS_HELP = """commands:
 input: end a line with \\ to continue on the next one, or enclose several lines between two \"\"\" lines;
        start a message with // to send text that begins with /"""
 
-EPILOG = "in-session " + COMMANDS_HELP
 
 # /set KEY -> (GenerationOptions field, converter, what the value should be)
 SETTINGS: dict[str, tuple[str, Callable[[str], object], str]] = {
@@ -80,6 +80,8 @@ class ChatSession:
 
     # --- turns ------------------------------------------------------------------------------------------
     def add_images(self, paths: list[str]) -> bool:
+        from vila_hd.engine import LimitExceeded
+
         ok = True
         for path in paths:
             try:
@@ -197,6 +199,8 @@ class ChatSession:
         if not value:
             self.warn(f"usage: /set {key} VALUE")
             return
+        from vila_hd.engine import LimitExceeded
+
         field, convert, expected = SETTINGS[key]
         try:
             options = self.options.updated(**{field: convert(value)})
@@ -327,8 +331,6 @@ def repl(session: ChatSession, read: Callable[[str], str]) -> None:
 
 # --- the command ----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vila_hd.cli import add_generation_arguments, add_limit_arguments, add_model_arguments
-
     parser.add_argument(
         "--image",
         nargs="+",
@@ -351,8 +353,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vila-hd chat``."""
-    from vila_hd.cli import load_engine
-
     prog = "vila-hd chat"
     if args.json and args.prompt is None:
         print(f"{prog}: error: --json needs --prompt", file=sys.stderr)
@@ -398,11 +398,15 @@ def answer_once(session: ChatSession, prompt: str, args: argparse.Namespace) -> 
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from vila_hd.cli import main as cli_main
-
-    return cli_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
-
+CHAT = Command(
+    "chat",
+    help="interactive chat (streamed answers, images, selection maps), or one answer with --prompt",
+    add_arguments=add_arguments,
+    run=run,
+    description=__doc__,
+    epilog="in-session " + COMMANDS_HELP,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(CHAT.main())

@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vila_hd.arguments import Command
+
 PATTERNS = ("horizontal stripes", "vertical stripes", "checkerboard")  # the options, always in this order
 DECOY_TEXTURE = "fine checkerboard"  # what fills the squares that are not asked about
 COLOURS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 60, 220), "yellow": (230, 190, 0),
@@ -227,7 +229,7 @@ def check_invisible(task: TaskConfig, tolerance: float = 4.0) -> float:
 
 def grey_background(rng: random.Random, size: int, clutter: float) -> Image.Image:
     """The synthetic benchmark's gradient with large shapes, in grey (only the squares carry colour)."""
-    from vila_hd.eval.synthetic import draw_background
+    from vila_hd.scenes import draw_background
 
     return draw_background(rng, size, clutter).convert("L").convert("RGB")
 
@@ -362,8 +364,8 @@ def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from vila_hd.compat.conversation import CHATML_TEMPLATE
-    from vila_hd.model.tiny import IMAGE_TOKEN, SPECIAL_TOKENS
+    from vila_hd.model.tiny import SPECIAL_TOKENS
+    from vila_hd.templates import CHATML_TEMPLATE, IMAGE_TOKEN
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -379,21 +381,15 @@ def build_tokenizer(vocab_size: int):
 
 def build_initial_model(model_cfg: ModelConfig, out: Path, seed: int) -> Path:
     """Random-weight VILA-HD (tokenizer, LLM, PS3) saved to ``out`` as the first stage's init."""
-    import torch
-
-    from vila_hd.model.modeling import VilaHDForConditionalGeneration
+    from vila_hd.builder import build_from_config
     from vila_hd.model.tiny import tiny_config
-    from vila_hd.processing import VilaHDProcessor
 
     tokenizer = build_tokenizer(model_cfg.vocab_size)
     vision = dict(model_cfg.vision, max_select_num=model_cfg.max_select_num,
                   highres_selection_image_size=model_cfg.highres_selection_image_size)
     config = tiny_config(model_cfg.preset, tokenizer=tokenizer, text_overrides=dict(model_cfg.text), vision_overrides=vision,
                          num_look_close=2)
-    torch.manual_seed(seed)
-    model = VilaHDForConditionalGeneration(config)
-    processor = VilaHDProcessor.from_config(config, tokenizer)
-    model.set_generation_defaults(processor)
+    model, processor = build_from_config(config, tokenizer, seed=seed)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -739,22 +735,39 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
 
 
 # --- the demo ------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="vila-hd demo", description=__doc__.split("\n\n")[0],
-                                     epilog="What it does and the measured results: docs/demo.md.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and training")
     parser.add_argument("--quick", action="store_true", help="smoke run: every step on a few samples and steps")
     parser.add_argument("--scale", choices=sorted(SCALES), default="tiny",
                         help="tiny: PS3 scales 112/224/448 (CPU); real: 378/756/1512/3780 (GPU) (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for tiny, 8 for real)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``vila-hd demo``: every step (:func:`run_demo`) at the chosen scale; exit code 0."""
     run = SCALES[args.scale]
     if args.quick:
         run = quick(run)
     run = replace(run, align_task=replace(run.align_task, seed=args.seed), task=replace(run.task, seed=args.seed))
-    return run_demo(run, Path(args.out), seed=args.seed, scale=args.scale, quick_run=args.quick,
-                    threads=args.threads or run.threads, argv=sys.argv[1:] if argv is None else argv)
+    run_demo(run, Path(args.out), seed=args.seed, scale=args.scale, quick_run=args.quick,
+             threads=args.threads or run.threads, argv=_command_line(args))
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> list[str]:
+    """The options of ``args`` that are off their defaults, as a command line (summary.json's ``command``)."""
+    parser, line = DEMO.parser(), []
+    for name in ("out", "seed", "quick", "scale", "threads"):
+        value = getattr(args, name)
+        if value != parser.get_default(name):
+            line += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return line
+
+
+DEMO = Command("demo", help="train a tiny VILA-HD on a synthetic high-res task and report what selection buys",
+               add_arguments=add_arguments, run=run, description=__doc__.split("\n\n")[0],
+               epilog="What it does and the measured results: docs/demo.md.")
 
 
 def run_demo(run: RunConfig, out: Path, *, seed: int = 0, scale: str = "tiny", quick_run: bool = False,
@@ -829,4 +842,4 @@ def run_demo(run: RunConfig, out: Path, *, seed: int = 0, scale: str = "tiny", q
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(DEMO.main())

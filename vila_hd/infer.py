@@ -20,14 +20,15 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vila_hd.engine import Conversation, Engine, GenerationOptions
+from vila_hd.arguments import Command, positive_int
 from vila_hd.errors import FileFormatError
 from vila_hd.images import ImageLoadError
+from vila_hd.serve.arguments import add_generation_arguments, add_limit_arguments, add_model_arguments, load_engine
 
-COMMAND = "infer"
-HELP = "batched answers for a JSONL of {id, image(s), question}; resumable, per-item errors recorded"
+if TYPE_CHECKING:  # the engine (torch) is imported when the command runs: `vila-hd --help` stays fast
+    from vila_hd.engine import Conversation, Engine, GenerationOptions
 
 
 @dataclass
@@ -201,8 +202,6 @@ def _generate(engine: Engine, ready: list[tuple[int, Conversation]], options):
 
 # --- the command ----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vila_hd.cli import add_generation_arguments, add_limit_arguments, add_model_arguments, positive_int
-
     parser.add_argument("--input", required=True, metavar="JSONL", help="questions, one JSON object per line")
     parser.add_argument(
         "--output", required=True, metavar="JSONL", help="answers (appended; ids already there are skipped)"
@@ -228,8 +227,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vila-hd infer``."""
-    from vila_hd.cli import load_engine
-
     prog = "vila-hd infer"
     if not os.path.isfile(args.input):
         print(f"{prog}: error: input file {args.input} does not exist", file=sys.stderr)
@@ -259,11 +256,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from vila_hd.cli import main as cli_main
-
-    return cli_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
-
+INFER = Command(
+    "infer",
+    help="batched answers for a JSONL of {id, image(s), question}; resumable, per-item errors recorded",
+    add_arguments=add_arguments,
+    run=run,
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(INFER.main())

@@ -18,19 +18,22 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BatchFeature
 
-from vila_hd.compat.conversation import (
+from vila_hd.model.token_layout import LookClose, TokenLayoutSpec, image_token_layout
+from vila_hd.templates import (
     assistant_turn_end_text,
     fallback_chat_template,
     flatten_messages,
+    image_token_id,
     last_token_before,
     latest_user_turn_end,
+    read_chat_template,
     render_with,
+    stop_token_ids,
     user_turn_end_text,
+    write_chat_template,
 )
-from vila_hd.model.token_layout import LookClose, TokenLayoutSpec, image_token_layout
 
 PROCESSOR_CONFIG = "processor_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class PromptTooLong(ValueError):
@@ -70,9 +73,7 @@ class VilaHDProcessor:
         self.image_token = image_token
         self.image_end_text = image_end_text
         self.padding_side = padding_side
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {image_token!r} token; add it (tokenizer.add_tokens) first")
+        self.image_token_id = image_token_id(tokenizer, image_token)
         self.image_end_ids = tokenizer(image_end_text, add_special_tokens=False).input_ids if image_end_text else []
 
     # --- construction -------------------------------------------------------------------------
@@ -102,11 +103,10 @@ class VilaHDProcessor:
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs) -> VilaHDProcessor:
         """Load from a directory or Hub id written by :meth:`save_pretrained`, or from a VILA checkpoint."""
         from vila_hd.hub import resolve_model_dir
+        from vila_hd.model.vila_layout import is_vila_checkpoint
 
         path = resolve_model_dir(path_or_id, kind="processor", what="VILA-HD processor", **kwargs)
         if not os.path.exists(os.path.join(path, PROCESSOR_CONFIG)):
-            from vila_hd.compat.vila_checkpoint import is_vila_checkpoint, load_vila_processor
-
             if is_vila_checkpoint(path):
                 return load_vila_processor(path)
             raise FileNotFoundError(f"{path} has no {PROCESSOR_CONFIG} and is not a VILA checkpoint")
@@ -164,13 +164,7 @@ class VilaHDProcessor:
     @property
     def stop_token_ids(self) -> list[int]:
         """Token ids that end an assistant turn (the template's end-of-turn token and the tokenizer's EOS)."""
-        ids = []
-        end = self._probe("assistant_end", assistant_turn_end_text)
-        if end:
-            ids.extend(self.tokenizer(end, add_special_tokens=False).input_ids[:1])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
-        return ids
+        return stop_token_ids(self.tokenizer, self._probe("assistant_end", assistant_turn_end_text))
 
     # --- chat -----------------------------------------------------------------------------------
     def apply_chat_template(
@@ -399,32 +393,17 @@ class VilaHDProcessor:
         return self.tokenizer.decode(*args, **kwargs)
 
 
-def read_chat_template(path: str | os.PathLike) -> str | None:
-    """Chat template stored in ``chat_template.jinja`` or, for older checkpoints, ``tokenizer_config.json``."""
-    jinja = os.path.join(path, CHAT_TEMPLATE_FILE)
-    if os.path.exists(jinja):
-        with open(jinja) as f:
-            return f.read()
-    cfg = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(cfg):
-        with open(cfg) as f:
-            template = json.load(f).get("chat_template")
-        if isinstance(template, str):
-            return template
-    return None
+def load_vila_processor(path: str | os.PathLike, config=None) -> VilaHDProcessor:
+    """Processor of a VILA checkpoint: ``llm/`` (tokenizer, chat template) and ``vision_tower/`` (image
+    processor); ``config``: its :func:`~vila_hd.model.vila_layout.read_vila_config`, read if not given."""
+    from vila_hd.model.vila_layout import check_layout, read_vila_config, read_vila_tokenizer
+    from vila_hd.ps3 import PS3ImageProcessor
 
-
-def write_chat_template(path: str | os.PathLike, template: str | None) -> None:
-    """Write the template to ``chat_template.jinja`` and into ``tokenizer_config.json``."""
-    if not template:
-        return
-    with open(os.path.join(path, CHAT_TEMPLATE_FILE), "w") as f:
-        f.write(template)
-    cfg_path = os.path.join(path, "tokenizer_config.json")
-    cfg = {}
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    cfg["chat_template"] = template
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f, indent=2, ensure_ascii=False)
+    path = os.fspath(path)
+    if config is None:
+        config = read_vila_config(path)  # checks the layout and refuses custom code
+    else:
+        check_layout(path)  # a given config skipped those checks
+    tokenizer, template = read_vila_tokenizer(path, config)
+    image_processor = PS3ImageProcessor.from_pretrained(os.path.join(path, "vision_tower"))
+    return VilaHDProcessor.from_config(config, tokenizer, image_processor=image_processor, chat_template=template)

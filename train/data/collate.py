@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from vila_hd.model.attention import segment_table
+from vila_hd.model.prefix_plan import prefix_plan
 from vila_hd.train.data.dataset import IGNORE_INDEX, EncodedSample, SkippedSample
 from vila_hd.train.data.packing import pack
-from vila_hd.train.data.prefix import prefix_plan
 from vila_hd.train.losses import target_positions
 
 
@@ -62,7 +62,7 @@ class Collator:
         """Data-dependent indices the training forward needs, found here on the CPU (in the loader workers) so
         the GPU step never waits for them: (2, N) row/column of every image token (row-major, as
         ``nonzero`` orders them), the (2, N) row/column of every target token (at least one) and, given
-        the low-res tokens per image, the top-down prefix pass's plan (:mod:`vila_hd.train.data.prefix`)."""
+        the low-res tokens per image, the top-down prefix pass's plan (:mod:`vila_hd.model.prefix_plan`)."""
         plan = {"target_positions": target_positions(batch["target_ids"])}
         if self.image_token_id is None:
             return plan

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from vila_hd.compat import datasets as ds
-from vila_hd.compat.conversation import (
+from vila_hd.templates import (
     assistant_turn_end_text,
     last_token_before,
     latest_user_turn_end,

@@ -30,6 +30,7 @@ from torch import nn
 from vila_hd.ps3 import PS3Config, PS3Tokenizer, preset_config
 from vila_hd.train.data.sampler import StepSampler
 
+from .arguments import command
 from .config import PretrainConfig, load_pretrain_config
 from .data import BoxCaptionDataset, collate_box_caption
 from .init import export_ps3, init_from_ps3, init_from_siglip
@@ -42,6 +43,7 @@ __all__ = [
     "build_model",
     "build_pretrain_data",
     "collate_for_trainer",
+    "pretrain",
     "pretrain_flops",
     "pretrain_main",
     "run_pretrain",
@@ -335,27 +337,18 @@ def run_pretrain(config: PretrainConfig, resume: bool = True, until: int | None 
     return PretrainRun(trainer.train(resume=resume, until=until), trainer, model)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vila-hd pretrain",
-        description="PS3 localized contrastive pre-training (run under torchrun / deepspeed for several GPUs).",
-    )
-    parser.add_argument("config", help="recipe YAML (configs/ps3/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. --set batch.micro_batch_size=16 (repeatable)")
-    parser.add_argument("--no-resume", action="store_true", help="start from step 0 even if checkpoints exist")
-    parser.add_argument("--until", type=int, default=None, help="stop after this step (with a checkpoint)")
-    return parser
-
-
-def pretrain_main(argv: Sequence[str] | None = None) -> int:
-    """``vila-hd pretrain CONFIG [--set key=value ...] [--no-resume] [--until N]``."""
-    args = build_parser().parse_args(argv)
+def pretrain(args: argparse.Namespace) -> int:
+    """``vila-hd pretrain CONFIG [--set key=value ...] [--no-resume] [--until N]``: run the recipe; exit code 0."""
     config = load_pretrain_config(args.config, args.overrides)
     metrics = run_pretrain(config, resume=not args.no_resume, until=args.until).metrics
     if _rank() == 0 and metrics:
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}), flush=True)
     return 0
+
+
+def pretrain_main(argv: Sequence[str] | None = None) -> int:
+    """``vila-hd pretrain`` on its own (``torchrun -m vila_hd.train.pretrain.loop CONFIG ...``): the exit code."""
+    return command(pretrain).main(argv)
 
 
 if __name__ == "__main__":

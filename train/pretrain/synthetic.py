@@ -1,6 +1,6 @@
 """Seeded synthetic box-caption data for tests and the CPU demo of PS3 pre-training.
 
-Scenes come from the synthetic benchmark's renderer (:mod:`vila_hd.eval.synthetic`: its cluttered gradient background,
+Scenes use the synthetic benchmark's drawing (:mod:`vila_hd.scenes`: its cluttered gradient background,
 turned grey, its shape drawing and non-overlapping placement); on top of the clutter a few small shapes of distinct
 colours are drawn, each with a box and a local caption ("a red circle"), and the image gets a global caption listing them. A
 word-level tokenizer covering the vocabulary can be written next to the data, so the demo needs no download.
@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from vila_hd.eval import synthetic as bench
+from vila_hd import scenes
 from vila_hd.ps3 import PS3Config
 from vila_hd.ps3.configuration import tiny_text_config, tiny_vision_config
 
@@ -31,8 +31,8 @@ __all__ = [
     "write_word_tokenizer",
 ]
 
-COLORS: dict[str, tuple[int, int, int]] = {k: v for k, v in bench.OBJECT_COLOURS.items() if k != "black"}
-SHAPES: tuple[str, ...] = tuple(bench.SHAPES)
+COLORS: dict[str, tuple[int, int, int]] = {k: v for k, v in scenes.OBJECT_COLOURS.items() if k != "black"}
+SHAPES: tuple[str, ...] = tuple(scenes.SHAPES)
 _FILLER = ("a", "scene", "with", "and")
 
 
@@ -50,9 +50,9 @@ def render_scene(
     if n_objects > len(COLORS):
         raise ValueError(f"n_objects={n_objects} exceeds the {len(COLORS)} distinct colours")
     # The benchmark's clutter in grey: the captions name colours, so only the captioned shapes carry any.
-    image = bench._background(rng, size, clutter).convert("L").convert("RGB")
+    image = scenes.draw_background(rng, size, clutter).convert("L").convert("RGB")
     draw = ImageDraw.Draw(image)
-    placer = bench._Placer(rng, size, margin=max(2, size // 100))
+    placer = scenes.Placer(rng, size, margin=max(2, size // 100))
     objects = []
     for colour in rng.sample(list(COLORS), n_objects):
         side = int(size * rng.uniform(*object_frac))
@@ -60,7 +60,7 @@ def render_scene(
         if box is None:
             raise RuntimeError(f"no room for {n_objects} objects of {object_frac} of a {size}-px image")
         shape = rng.choice(SHAPES)
-        bench._shape(draw, shape, box, COLORS[colour])
+        scenes.draw_shape(draw, shape, box, COLORS[colour])
         objects.append((tuple(float(v) for v in box), colour, shape))
     return image, objects
 
@@ -75,7 +75,7 @@ def make_records(
     """``n`` in-memory records ``{"image": PIL, "global_caption", "boxes": [{"box", "caption"}]}``.
 
     ``size`` is a side, (width, height), or ((min_w, max_w), (min_h, max_h)) for images of varying shape;
-    ``clutter`` scales the background's decoy shapes (:func:`vila_hd.eval.synthetic._background`).
+    ``clutter`` scales the background's decoy shapes (:func:`vila_hd.scenes.draw_background`).
     """
     if isinstance(size, int):
         size = (size, size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig
 
-from .configuration import VilaHDConfig, preset_config, preset_names
+from .configuration import VilaHDConfig
 from .modeling import (
     VilaHDCausalLMOutput,
     VilaHDForConditionalGeneration,
@@ -17,6 +17,7 @@ from .modeling import (
     VilaHDPreTrainedModel,
     VilaHDSelection,
 )
+from .presets import preset_config, preset_names
 from .token_layout import ImageTokenLayout, TokenLayoutSpec, image_token_layout, num_image_tokens
 
 

@@ -3,10 +3,10 @@
 Inference with ``look_close_mode="after_prompt"`` does the work once:
 
 1. PS3 low-res pass (``encode_low_res``), kept for step 4;
-2. low-res tokens projected and written into the input embeddings;
-3. *prefix pass*: the LLM runs over the tokens up to the last token of the latest user message, each
-   image contributing its low-res tokens only; the final (normed) hidden state there -> prompt head -> a
-   PS3 prompt per image of that sample;
+2. low-res tokens projected and written into the input embeddings (``merge_image_embeddings``);
+3. *prefix pass* (``top_down_prompts`` from a :mod:`~vila_hd.model.prefix_plan`): the LLM runs over the tokens
+   up to the last token of the latest user message, each image contributing its low-res tokens only; the final
+   (normed) hidden state there -> prompt head -> a PS3 prompt per image of that sample;
 4. PS3 looks close with that prompt, reusing the low-res pass (its K/V cache and selection features);
 5. selected 2x2 groups projected (only those, never dense maps) and written into the embeddings;
 6. main pass. The tokens before the first image's high-res tokens are identical in the prefix and the
@@ -15,22 +15,26 @@ Inference with ``look_close_mode="after_prompt"`` does the work once:
    when the shared part is large enough to pay for the masked continuation, see ``_prefix_reuse_pays``).
 
 ``after_image`` mode (bottom-up selection) needs no prefix pass. Text-only prompts skip the vision tower.
+The training step (``vila_hd.train.model_step``) runs the same pieces on packed rows, with the collator's plan.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from vila_hd.model.attention import NO_MASKS
+from vila_hd.model.cache import CACHE_FIELD, DynamicCache, cache_of, call_with_cache, crop_cache, new_cache
 from vila_hd.model.configuration import VilaHDConfig
+from vila_hd.model.prefix_plan import PrefixPlan, padded_prefix_plan
 from vila_hd.model.projector import VilaHDProjector
 from vila_hd.model.token_layout import ImageTokenLayout, TokenLayoutSpec, image_token_layout
 from vila_hd.ps3 import PS3VisionModel
@@ -40,12 +44,6 @@ try:  # transformers >= 5 tracks loaded tensors; its init functions skip them
 except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init
 
-try:
-    from transformers import DynamicCache
-except ImportError:  # pragma: no cover
-    DynamicCache = None
-
-VILA_MODEL_TYPES = ("llava_topdown_llama", "llava_llama", "llava")
 # With SDPA, reuse the prefix KV cache only when it covers at least this share of the sequence (measured
 # break-even ~0.12 on an H100, see `_prefix_reuse_pays`).
 AUTO_REUSE_MIN_SHARED_FRACTION = 0.15
@@ -54,8 +52,7 @@ AUTO_REUSE_MIN_SHARED_FRACTION = 0.15
 # Generation inputs with one row per image rather than per sample.
 _PER_IMAGE_INPUTS = ("pixel_values", "gt_selection_maps")
 # transformers renamed the cache field of model outputs from ``past_key_values`` to ``cache`` (5.2x) and
-# its ``generate`` reads only the current name: declare the output with the name this version uses.
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# its ``generate`` reads only the current name: declare the output with the name this version uses (CACHE_FIELD).
 
 if CACHE_FIELD == "cache":
 
@@ -164,6 +161,32 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
     (num_images, 3, S, S) in placeholder order over the batch, ``prompt_positions`` (B,) for top-down
     selection and ``attention_mask`` (left padding for generation).
     """
+
+    # The trainable parts recipes name: each is the submodules (or parameters) at its paths, matched in this
+    # order (the prompt head sits inside the projector). In no part, never trained: PS3's `prior_prompt`
+    # (bottom-up selection only) and its pooled head (`trunk.norm`, `trunk.attn_pool`; unused by VILA-HD).
+    # A parameter's part from its name, through peft's wrappers too: vila_hd.model.parts.part_of.
+    PARTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "prompt_head": ("mm_projector.top_down_prompt_head",),
+        "projector": ("mm_projector",),
+        "selection": tuple(f"vision_tower.vision_model.{m}" for m in (
+            "selection_feature_proj", "highres_selection_feature_module", "prompt_proj_for_highres")),
+        "vision_tower": tuple(f"vision_tower.vision_model.{m}" for m in (
+            "trunk.patch_embed", "trunk.pos_embed", "trunk.blocks", "pos_emb_residual")),
+        "llm": ("language_model",),
+    }
+    NEVER_TRAINED: ClassVar[tuple[str, ...]] = tuple(
+        f"vision_tower.vision_model.{m}" for m in ("prior_prompt", "trunk.norm", "trunk.attn_pool"))
+
+    def parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """Each part's modules by :attr:`PARTS` (a parameter where a path names one: PS3's ``trunk.pos_embed``)."""
+        return {part: [self._part_member(path) for path in paths] for part, paths in self.PARTS.items()}
+
+    def _part_member(self, path: str) -> nn.Module | nn.Parameter:
+        try:
+            return self.get_submodule(path)
+        except AttributeError:  # a parameter, not a module
+            return self.get_parameter(path)
 
     def __init__(
         self,
@@ -459,14 +482,10 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         high_mask = torch.zeros_like(image_mask)
         high_mask[rows[:, n_low:].reshape(-1), cols[:, n_low:].reshape(-1)] = True
 
-        embed = self.get_input_embeddings()
-        embeds = embed(input_ids.masked_fill(image_mask, 0))
+        embeds = self.embed_text(input_ids, image_mask)
         low = self.encode_low_res(pixel_values)
         low_embeds = self.project_low_res(low)
-        embeds = embeds.index_put(
-            (rows[:, :n_low].reshape(-1), cols[:, :n_low].reshape(-1)),
-            low_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype),
-        )
+        embeds = self.merge_image_embeddings(embeds, rows[:, :n_low], cols[:, :n_low], low_embeds)
 
         reuse = self.config.reuse_prefix_cache if reuse_prefix_cache is None else reuse_prefix_cache
         # The cached prefix carries no gradient and holds no hidden states: training and analysis run plain.
@@ -485,6 +504,7 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
                 images_per_sample,
                 cache if reuse else None,
                 reuse,
+                n_low,
             )
         elif mode != "after_image":
             raise ValueError(f"look_close_mode must be 'after_prompt' or 'after_image', got {mode!r}")
@@ -499,8 +519,7 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
             gt_selection_maps=gt_selection_maps,
             only_select_first_n_scale=only_select_first_n_scale,
         )
-        high_index = (rows[:, n_low:].reshape(-1), cols[:, n_low:].reshape(-1))
-        embeds = embeds.index_put(high_index, feats.high_res.to(embeds.dtype))
+        embeds = self.merge_image_embeddings(embeds, rows[:, n_low:], cols[:, n_low:], feats.high_res)
         if selection_sink is not None:
             selection_sink["selection"] = VilaHDSelection(feats.selection_maps, feats.selection_probs, prompts, layout)
 
@@ -523,13 +542,47 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
             logits, keep_cache = out.logits, True
         return _output(out, keep_cache=keep_cache, logits=logits, selection=feats if output_selection_maps else None)
 
+    # --- the multimodal forward's pieces (also run by the training step) -------------------------
+    def embed_text(self, input_ids: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) token embeddings; image placeholders (``image_mask``) embedded as token 0, to be replaced by
+        :meth:`merge_image_embeddings`."""
+        return self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+
+    def merge_image_embeddings(self, embeds: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                               image_embeds: torch.Tensor) -> torch.Tensor:
+        """``embeds`` (B, L, H) with image embeddings written at their tokens: ``rows`` / ``cols`` (images, T)
+        where each image's tokens sit, ``image_embeds`` their embeddings in the same order (image-major, any shape
+        of ``images * T`` vectors)."""
+        values = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        return embeds.index_put((rows.reshape(-1), cols.reshape(-1)), values)
+
+    def top_down_prompts(self, embeds: torch.Tensor, plan: PrefixPlan, cache=None) -> tuple[torch.Tensor, ModelOutput]:
+        """Top-down prompts from a :class:`~vila_hd.model.prefix_plan.PrefixPlan`: the LLM (no gradient) over the
+        tokens of ``embeds`` (B, L, H) the plan reads (each prompt's context without high-res tokens), its final
+        hidden state at each prompt -> the prompt head.
+
+        The plan's sample spans, when it has them, go to segment attention (the LLM must run it, see
+        :mod:`vila_hd.model.attention`), else its attention mask (or none). Returns ``(prompts (P, C), the pass's
+        LLM output)``; given ``cache``, the pass fills it."""
+        prefix_embeds = embeds[plan.rows[:, None], plan.order]
+        if plan.segments is not None:
+            masks = {"segments": plan.segments, "attention_mask": NO_MASKS}
+        else:
+            masks = {"attention_mask": plan.attention_mask}
+        with torch.no_grad():
+            out = self._call_base(inputs_embeds=prefix_embeds, position_ids=plan.positions, cache=cache,
+                                  use_cache=cache is not None, **masks)
+        at_prompt = out.last_hidden_state[plan.prompt_rows, plan.prompt_columns]
+        return self.mm_projector.prompt(at_prompt.to(self._projector_dtype)), out
+
     # --- top-down prefix pass ---------------------------------------------------------------------
-    def _prefix_pass(self, embeds, attention_mask, position_ids, high_mask, positions, images_per_sample, cache, reuse):
+    def _prefix_pass(self, embeds, attention_mask, position_ids, high_mask, positions, images_per_sample, cache, reuse,
+                     low_res_tokens):
         """LLM over each sample's tokens up to its prompt position, high-res tokens left out.
 
         Returns ``(prompts (num_images, C), prefix)``; with ``reuse``, ``prefix`` holds the KV cache of the
         first ``shared`` tokens (identical in the main sequence) and their hidden states."""
-        batch, length = attention_mask.shape
+        length = attention_mask.shape[1]
         with_images = images_per_sample > 0
         idx = torch.arange(length, device=embeds.device)
         first_high = torch.where(high_mask.any(1), torch.where(high_mask, idx, length).amin(1), length)
@@ -537,37 +590,17 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         shared = min(int(shared_per_row.min()), length - 1) if reuse else 0
         if reuse == "auto" and not self._prefix_reuse_pays(shared, length):
             shared = 0
-        rows = torch.arange(batch, device=embeds.device) if shared > 0 else with_images.nonzero(as_tuple=True)[0]
-        keep = (idx[None] <= positions[rows, None]) & ~high_mask[rows]
-        keep = torch.where(with_images[rows, None], keep, idx[None] < shared)
-        lengths = keep.sum(1)
-        width = int(lengths.max())
-        order = torch.sort((~keep).int(), dim=1, stable=True).indices[:, :width]
-        valid = torch.arange(width, device=embeds.device)[None] < lengths[:, None]
-        removed_before = high_mask[rows].long().cumsum(1).gather(1, order)
-        prefix_embeds = embeds[rows[:, None], order]
-        prefix_mask = attention_mask[rows].gather(1, order) * valid
-        prefix_pos = (position_ids[rows].gather(1, order) - removed_before) * valid
+        plan = padded_prefix_plan(attention_mask, position_ids, high_mask, positions, with_images, shared,
+                                  low_res_tokens)
         if shared > 0 and cache is None:
-            cache = _new_cache(self.config.text_config)
-        with torch.no_grad():
-            out = self._call_base(
-                inputs_embeds=prefix_embeds,
-                attention_mask=prefix_mask,
-                position_ids=prefix_pos,
-                cache=cache if shared > 0 else None,
-                use_cache=shared > 0,
-            )
-        hidden = out.last_hidden_state
-        image_rows = with_images[rows].nonzero(as_tuple=True)[0]
-        at_prompt = hidden[image_rows, lengths[image_rows] - 1]
-        prompts = self.mm_projector.prompt(at_prompt.to(self._projector_dtype))
+            cache = new_cache(self.config.text_config)
+        prompts, out = self.top_down_prompts(embeds, plan, cache if shared > 0 else None)
         prompts = prompts.repeat_interleave(images_per_sample[with_images], dim=0)
         if shared == 0:
             return prompts, None
-        cache = _cache_of(out) or cache
+        cache = cache_of(out) or cache
         crop_cache(cache, shared)
-        return prompts, {"shared": shared, "cache": cache, "hidden": hidden[:, :shared]}
+        return prompts, {"shared": shared, "cache": cache, "hidden": out.last_hidden_state[:, :shared]}
 
     def _prefix_reuse_pays(self, shared: int, length: int) -> bool:
         """Whether continuing the main pass from the prefix KV cache beats recomputing the shared part.
@@ -672,10 +705,10 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
             )
 
     def _call_llm(self, cache=None, **kwargs):
-        return _call_with_cache(self.language_model, cache, return_dict=True, **kwargs)
+        return call_with_cache(self.language_model, cache, return_dict=True, **kwargs)
 
     def _call_base(self, cache=None, **kwargs):
-        return _call_with_cache(self.language_model.base_model, cache, return_dict=True, **kwargs)
+        return call_with_cache(self.language_model.base_model, cache, return_dict=True, **kwargs)
 
     # --- generation -------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
@@ -725,14 +758,19 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
         return output, sink.get("selection")
 
     def set_generation_defaults(self, processor) -> None:
-        """Adopt the processor's tokens: image placeholder id, end-of-turn stop ids, padding id and the
-        user-turn end used to locate prompts when ``prompt_positions`` is not given."""
-        tokenizer = processor.tokenizer
-        self.config.image_token = processor.image_token
-        self.config.image_token_id = processor.image_token_id
-        end_text = processor.prompt_end_text
+        """Adopt the processor's tokens (:meth:`set_template_defaults` with its tokenizer, chat template and
+        image placeholder); ``save_pretrained`` then writes them (``config.json``, ``generation_config.json``)."""
+        self.set_template_defaults(processor.tokenizer, processor.chat_template, processor.image_token)
+
+    def set_template_defaults(self, tokenizer, chat_template: str | None, image_token: str = "<image>") -> None:
+        """Adopt the tokens of ``tokenizer`` and ``chat_template``: image placeholder id, end-of-turn stop ids,
+        padding id and the user-turn end used to locate prompts when ``prompt_positions`` is not given."""
+        from vila_hd.templates import image_token_id, turn_ends
+
+        self.config.image_token = image_token
+        self.config.image_token_id = image_token_id(tokenizer, image_token)
+        end_text, stops = turn_ends(tokenizer, chat_template)
         self.config.prompt_end_token_ids = tokenizer(end_text, add_special_tokens=False).input_ids if end_text else None
-        stops = processor.stop_token_ids
         self.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
         self.generation_config.pad_token_id = pad
@@ -761,24 +799,58 @@ class VilaHDForConditionalGeneration(VilaHDPreTrainedModel, GenerationMixin):
             safetensors_only,
             strict_from_pretrained,
         )
+        from vila_hd.model.vila_layout import is_vila_config
 
         path, local = locate_directory(pretrained_model_name_or_path, "VILA-HD checkpoint")
         kwargs = safetensors_only(kwargs, f"VILA-HD checkpoint {path}")
         if local:
             refuse_pickled_weights(path, "VILA-HD checkpoint")
             refuse_custom_code(path, "VILA-HD checkpoint")
-        model_type = _peek_model_type(path, kwargs)
+        top = _peek_config(path, kwargs)
         if not local:  # the snapshot (metadata + safetensors) is checked for custom code before it is read
             path = resolve_model_dir(path, kind="model", **_hub_kwargs(kwargs))
-        if model_type in VILA_MODEL_TYPES:
-            from vila_hd.compat.vila_checkpoint import load_vila_model
-
+        if top is not None and is_vila_config(top):
             kwargs, allow_missing, allow_unexpected = pop_key_allowances(kwargs)
             return load_vila_model(
                 path, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")), device=kwargs.get("device_map"),
                 allow_missing_keys=allow_missing, allow_unexpected_keys=allow_unexpected,
             )
         return strict_from_pretrained(super().from_pretrained, path, "VILA-HD checkpoint", *model_args, **kwargs)
+
+
+def load_vila_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None,
+                    allow_missing_keys: Sequence[str] = (), allow_unexpected_keys: Sequence[str] = ()):
+    """Load a VILA-layout checkpoint (:mod:`vila_hd.model.vila_layout`) as a
+    :class:`VilaHDForConditionalGeneration` (eval mode, generation defaults set from ``llm/``'s tokenizer and
+    chat template).
+
+    ``device``: a device (``"cuda:0"``, ``torch.device``): every part is created empty and filled from its
+    safetensors on that device, with no full copy in CPU memory first; an accelerate strategy (``"auto"``,
+    ``"balanced"``, ...): the LLM is spread by it and the vision tower and projector go where the LLM's input
+    embeddings are; a dict over the combined model's module names: loaded on the CPU, then dispatched.
+
+    Missing, unexpected or mis-shaped tensors in any part are a :class:`CheckpointError` naming them as keys of
+    the combined model (``language_model.*``, ``vision_tower.*``, ``mm_projector.*``); ``allow_missing_keys`` /
+    ``allow_unexpected_keys`` (regular expressions searched in those names) allow them explicitly."""
+    from vila_hd.dtypes import resolve_dtype
+    from vila_hd.model import vila_layout
+
+    path = os.fspath(path)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = resolve_dtype(dtype, torch.device("cpu"))
+    config, tokenizer, template = vila_layout.read_vila_checkpoint(path)
+    allowed = (allow_missing_keys, allow_unexpected_keys)
+    llm, vision = vila_layout.load_vila_parts(path, config, dtype, device, default_attn_implementation(), *allowed)
+    model = VilaHDForConditionalGeneration(config, vision_tower=vision, language_model=llm)
+    vila_layout.load_vila_projector(model.mm_projector, path, *allowed)
+    target = dtype if isinstance(dtype, torch.dtype) else next(llm.parameters()).dtype
+    model.mm_projector.to(device=vision.device, dtype=target)
+    model.set_template_defaults(tokenizer, template, config.image_token)
+    if isinstance(device, dict):
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=device)
+    return model.eval()
 
 
 # --- small utilities -------------------------------------------------------------------------------
@@ -793,37 +865,9 @@ def _as_python(value):
     return value
 
 
-def _cache_kwarg(module: nn.Module) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); pass the name this version expects."""
-    return "cache" if _accepts(module, "cache") else "past_key_values"
-
-
-def _accepts(module: nn.Module, name: str) -> bool:
-    cls = type(module)
-    cache = cls.__dict__.get("_vila_hd_params")
-    if cache is None:
-        cache = set(inspect.signature(module.forward).parameters)
-        cls._vila_hd_params = cache
-    return name in cache
-
-
-def _call_with_cache(module: nn.Module, cache, **kwargs):
-    if cache is not None:
-        kwargs[_cache_kwarg(module)] = cache
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if "logits_to_keep" in kwargs and not _accepts(module, "logits_to_keep"):
-        kwargs.pop("logits_to_keep")
-    return module(**kwargs)
-
-
-def _cache_of(output):
-    # Only this version's field: reading the other name goes through transformers' deprecation shim (and warns).
-    return output.get(CACHE_FIELD)
-
-
 def _output(out, keep_cache: bool = True, logits=None, selection=None) -> VilaHDCausalLMOutput:
     # Built once with every field: a ModelOutput keeps a key once set, and ignores keys set after init.
-    cache = _cache_of(out) if keep_cache else None
+    cache = cache_of(out) if keep_cache else None
     return VilaHDCausalLMOutput(
         loss=out.get("loss"),
         logits=out.get("logits") if logits is None else logits,
@@ -835,26 +879,12 @@ def _output(out, keep_cache: bool = True, logits=None, selection=None) -> VilaHD
     )
 
 
-def _new_cache(text_config):
-    try:
-        return DynamicCache(config=text_config)
-    except TypeError:  # transformers 4.x
-        return DynamicCache()
-
-
-def crop_cache(cache, length: int) -> None:
-    """Keep the first ``length`` positions (a negative argument removes that many, in every version)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
 def _hub_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
 
 
-def _peek_model_type(path_or_id, kwargs: dict) -> str | None:
-    """``model_type`` of the checkpoint's top-level config.json (None if it cannot be read)."""
+def _peek_config(path_or_id, kwargs: dict) -> dict | None:
+    """The checkpoint's top-level config.json (None if it cannot be read, or a ``config`` is given)."""
     import json
 
     if kwargs.get("config") is not None:
@@ -871,4 +901,4 @@ def _peek_model_type(path_or_id, kwargs: dict) -> str | None:
     if not os.path.exists(cfg):
         return None
     with open(cfg) as f:
-        return json.load(f).get("model_type")
+        return json.load(f)

@@ -1,5 +1,6 @@
-"""Tiny VILA-HD models for tests and demos: a byte-level BPE tokenizer with a Qwen2-style (ChatML) chat
-template, a two-layer Qwen2 and a few-kB PS3, all built on the spot (no downloads).
+"""Tiny VILA-HD configurations for tests and demos: a byte-level BPE tokenizer with a Qwen2-style (ChatML) chat
+template, a two-layer Qwen2 and a few-kB PS3, all built on the spot (no downloads); the models themselves:
+:func:`vila_hd.builder.build_tiny_model`.
 
 ``tiny`` uses small scales (112/224/448, patch 14) so a forward pass takes milliseconds on CPU;
 ``tiny-1.5K`` / ``tiny-4K`` keep the real scales and budgets (real token counts) with tiny widths.
@@ -10,9 +11,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from vila_hd.compat.conversation import CHATML_TEMPLATE
+from vila_hd.templates import CHATML_TEMPLATE, IMAGE_TOKEN
 
-IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
 
 _CORPUS = [
@@ -128,30 +128,3 @@ def tiny_config(
     )
     fields.update(overrides)
     return VilaHDConfig(vision_config=vision_config, text_config=text_config, **fields)
-
-
-def build_tiny_model(name: str = "tiny", *, seed: int = 0, dtype=None, **overrides):
-    """A randomly initialised tiny model and its processor: ``(model, processor)``."""
-    import torch
-
-    from vila_hd.model.modeling import VilaHDForConditionalGeneration
-    from vila_hd.processing import VilaHDProcessor
-
-    tokenizer = build_tiny_tokenizer()
-    config = tiny_config(name, tokenizer=tokenizer, **overrides)
-    torch.manual_seed(seed)
-    model = VilaHDForConditionalGeneration(config)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.eval()
-    processor = VilaHDProcessor.from_config(config, tokenizer)
-    model.set_generation_defaults(processor)
-    return model, processor
-
-
-def build_tiny_processor(name: str = "tiny", **overrides):
-    """The processor of :func:`build_tiny_model` without building the model."""
-    from vila_hd.processing import VilaHDProcessor
-
-    tokenizer = build_tiny_tokenizer()
-    return VilaHDProcessor.from_config(tiny_config(name, tokenizer=tokenizer, **overrides), tokenizer)

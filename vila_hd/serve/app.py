@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vila_hd.engine import LimitExceeded
+from vila_hd.engine.options import LimitExceeded
 from vila_hd.errors import is_user_error
 from vila_hd.serve.batcher import Batcher, Job, QueueFull, StopText, first_stop
 from vila_hd.serve.errors import APIError, error_body

@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers.generation import BaseStreamer
 
-from vila_hd.engine import IncrementalText
+from vila_hd.engine.streaming import IncrementalText
 from vila_hd.serve.schema import ChatRequest
 
 log = logging.getLogger("vila_hd.serve")

@@ -10,33 +10,22 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
 
+from vila_hd.arguments import Command, non_negative_float, port_arg, positive_int
 from vila_hd.errors import ConfigError
+from vila_hd.serve.arguments import add_generation_arguments, add_limit_arguments, add_model_arguments, load_engine
 
 INSTALL_HINT = "vila-hd serve: error: the server needs FastAPI and uvicorn: pip install 'vila-hd[serve]'"
 LOGGERS = ("vila_hd.serve", "uvicorn.error")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from vila_hd.cli import (
-        add_generation_arguments,
-        add_limit_arguments,
-        add_model_arguments,
-        non_negative_float,
-        number_arg,
-        positive_int,
-    )
-
-    port = number_arg(int, lambda n: 0 <= n <= 65535, "a port number in 0..65535")
-    parser = argparse.ArgumentParser(prog="vila-hd serve", description="OpenAI-compatible HTTP server for VILA-HD "
-                                     "(POST /v1/chat/completions, GET /v1/models, GET /health); see docs/serving.md")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_generation_arguments(parser)
     add_limit_arguments(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
-    group.add_argument("--port", type=port, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    group.add_argument("--port", type=port_arg, default=8000, help="port (default: %(default)s; 0 picks a free one)")
     key = group.add_mutually_exclusive_group()
     key.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (default: no key)")
     key.add_argument("--api-key-file", metavar="PATH", help="read the key from PATH (keeps it out of `ps`)")
@@ -53,21 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-image-bytes", type=positive_int, default=20 * 2**20, metavar="N",
                        help="largest image file accepted (default: %(default)s)")
     group.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    return parser
 
 
-def serve_main(argv: Sequence[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``vila-hd serve``: load the model, then serve until stopped."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         print(INSTALL_HINT, file=sys.stderr)
         return 1
-    from vila_hd.cli import load_engine
     from vila_hd.serve.app import ServeConfig, create_app
     from vila_hd.serve.schema import MediaPolicy
 
-    args = build_parser().parse_args(argv)
     if args.media_root is not None and not os.path.isdir(args.media_root):
         raise ConfigError(f"--media-root {args.media_root!r} is not a directory")
     api_key = read_api_key(args)
@@ -92,6 +79,16 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="warning", log_config=None))
     server.run(sockets=[sock])
     return 0
+
+
+SERVE = Command("serve", help="OpenAI-compatible HTTP server", add_arguments=add_arguments, run=run,
+                description="OpenAI-compatible HTTP server for VILA-HD (POST /v1/chat/completions, GET /v1/models, "
+                "GET /health); see docs/serving.md")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``vila-hd serve``."""
+    return SERVE.parser()
 
 
 def model_aliases(model: str) -> tuple[str, ...]:

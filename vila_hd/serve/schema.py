@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image
 
-from vila_hd.engine import GenerationOptions, LimitExceeded, ServingLimits
+from vila_hd.engine.options import GenerationOptions, LimitExceeded, ServingLimits
 from vila_hd.images import load_image
 from vila_hd.serve.errors import APIError
 

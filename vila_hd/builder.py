@@ -1,8 +1,13 @@
-"""Assemble a fresh VILA-HD model from a PS3 checkpoint and an LLM checkpoint (the start of stage 1).
+"""Fresh VILA-HD models, returned as ``(model, processor)`` with the generation defaults set (so a
+``save_pretrained`` of both writes a checkpoint that loads ready to generate).
 
-The vision tower and the LLM keep their pretrained weights; the projector and the prompt head are
-freshly initialised. The tokenizer gets the ``<image>`` token if it lacks one (the LLM's embeddings are
-resized to match) and a chat template of its family if it ships none.
+- :func:`build_vila_hd`: assembled from a PS3 checkpoint and an LLM checkpoint (the start of stage 1). The
+  vision tower and the LLM keep their pretrained weights; the projector and the prompt head are freshly
+  initialised. The tokenizer gets the ``<image>`` token if it lacks one (the LLM's embeddings are resized to
+  match) and a chat template of its family if it ships none.
+- :func:`build_from_config`: randomly initialised from a configuration and a tokenizer.
+- :func:`build_tiny_model` / :func:`build_tiny_processor`: the tiny presets of :mod:`vila_hd.model.tiny`
+  (tests and demos; no downloads).
 """
 
 from __future__ import annotations
@@ -43,20 +48,20 @@ def build_vila_hd(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vila_hd.compat.vila_checkpoint import _dtype_kwargs, read_vision_config
+    from vila_hd.dtypes import dtype_kwargs, resolve_dtype
     from vila_hd.hub import resolve_model_dir, strict_from_pretrained
     from vila_hd.model.configuration import VilaHDConfig
     from vila_hd.model.modeling import VilaHDForConditionalGeneration, default_attn_implementation
-    from vila_hd.processing import VilaHDProcessor
+    from vila_hd.model.vila_layout import read_vision_config
     from vila_hd.ps3 import PS3ImageProcessor, PS3VisionModel
 
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = resolve_dtype(dtype, torch.device("cpu"))
     ps3_dir = resolve_model_dir(ps3, kind="model", **hub_kwargs)
     vision_config = read_vision_config(ps3_dir)
     if max_select_num is not None:
         vision_config.max_select_num = max_select_num
-    vision = PS3VisionModel.from_pretrained(ps3_dir, config=vision_config, use_safetensors=True, **_dtype_kwargs(dtype))
+    vision = PS3VisionModel.from_pretrained(ps3_dir, config=vision_config, use_safetensors=True, **dtype_kwargs(dtype))
     llm = resolve_model_dir(llm, kind="model", **hub_kwargs)  # (refuses custom code before the Auto* calls)
     tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=False, **hub_kwargs)
     language_model = strict_from_pretrained(  # a missing / unexpected tensor is an error naming it
@@ -65,7 +70,7 @@ def build_vila_hd(
         "LLM checkpoint",
         use_safetensors=True,
         attn_implementation=default_attn_implementation(),
-        **_dtype_kwargs(dtype),
+        **dtype_kwargs(dtype),
         **hub_kwargs,
     )
     if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
@@ -94,8 +99,44 @@ def build_vila_hd(
         image_processor = PS3ImageProcessor.from_pretrained(ps3_dir)
     except OSError:  # a checkpoint without preprocessor_config.json: the PS3 defaults
         image_processor = PS3ImageProcessor(image_size=vision.config.ps3_scales[-1])
-    processor = VilaHDProcessor.from_config(
-        config, tokenizer, image_processor=image_processor, chat_template=chat_template
-    )
+    return with_processor(model, tokenizer, image_processor=image_processor, chat_template=chat_template)
+
+
+def build_from_config(config, tokenizer, *, seed: int = 0, dtype: torch.dtype | None = None):
+    """A randomly initialised model of ``config`` (eval mode) and its processor around ``tokenizer``:
+    ``(model, processor)``."""
+    from vila_hd.model.modeling import VilaHDForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = VilaHDForConditionalGeneration(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return with_processor(model.eval(), tokenizer)
+
+
+def with_processor(model, tokenizer, **processor_kwargs):
+    """``(model, processor)``: the processor of ``model``'s config around ``tokenizer`` (``processor_kwargs``:
+    :meth:`~vila_hd.processing.VilaHDProcessor.from_config`'s), its tokens set as the model's generation
+    defaults."""
+    from vila_hd.processing import VilaHDProcessor
+
+    processor = VilaHDProcessor.from_config(model.config, tokenizer, **processor_kwargs)
     model.set_generation_defaults(processor)
     return model, processor
+
+
+def build_tiny_model(name: str = "tiny", *, seed: int = 0, dtype=None, **overrides):
+    """A randomly initialised tiny model and its processor: ``(model, processor)``."""
+    from vila_hd.model.tiny import build_tiny_tokenizer, tiny_config
+
+    tokenizer = build_tiny_tokenizer()
+    return build_from_config(tiny_config(name, tokenizer=tokenizer, **overrides), tokenizer, seed=seed, dtype=dtype)
+
+
+def build_tiny_processor(name: str = "tiny", **overrides):
+    """The processor of :func:`build_tiny_model` without building the model."""
+    from vila_hd.model.tiny import build_tiny_tokenizer, tiny_config
+    from vila_hd.processing import VilaHDProcessor
+
+    tokenizer = build_tiny_tokenizer()
+    return VilaHDProcessor.from_config(tiny_config(name, tokenizer=tokenizer, **overrides), tokenizer)
