@@ -1,4 +1,4 @@
-"""One rank of the training runs tests/test_fault_injection.py kills: ``vila-hd train CONFIG`` with its progress
+"""One rank of the training runs tests/train/test_fault_injection.py kills: ``vila-hd train CONFIG`` with its progress
 reported on an events file, one line per event (``<time> <kind> <detail>``):
 
 - ``step N``: optimizer step N is done;

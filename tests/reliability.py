@@ -23,14 +23,14 @@ import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = {
-    "images": "tests/test_fuzz_images.py",
-    "data": "tests/test_fuzz_data.py",
-    "faults": "tests/test_fault_injection.py",
-    "checkpoints": "tests/test_checkpoint_manifest.py",
-    "loading": "tests/test_loading_safety.py",
-    "custom_code": "tests/test_custom_code.py",
-    "strict_loading": "tests/test_strict_loading.py",
-    "limits": "tests/test_serving_limits.py",
+    "images": "tests/processing/test_fuzz_images.py",
+    "data": "tests/train/test_fuzz_data.py",
+    "faults": "tests/train/test_fault_injection.py",
+    "checkpoints": "tests/train/test_checkpoint_manifest.py",
+    "loading": "tests/loading/test_loading_safety.py",
+    "custom_code": "tests/loading/test_custom_code.py",
+    "strict_loading": "tests/loading/test_strict_loading.py",
+    "limits": "tests/serve/test_serving_limits.py",
 }
 OUT = os.path.join(ROOT, "docs", "reliability.md")
 
@@ -93,7 +93,7 @@ def _checkpoints_row(c: dict, outcome: dict) -> str:
 def _checkpoints_section(c: dict) -> list[str]:
     g = lambda k: c.get(k, 0)  # noqa: E731
     return [
-        "## Training checkpoints (`tests/test_checkpoint_manifest.py`)",
+        "## Training checkpoints (`tests/train/test_checkpoint_manifest.py`)",
         "",
         "Every checkpoint ends with `manifest.json` (size and SHA-256 of every other file, and a SHA-256 of that "
         "list), written after every rank's files and the `extra` writer's (e.g. the LoRA adapter) as a temporary "
@@ -142,7 +142,7 @@ def _contents_row(c: dict, outcome: dict) -> str:
 
 def _contents_section(c: dict) -> list[str]:
     return [
-        "## Checkpoint contents (`tests/test_custom_code.py`, `tests/test_strict_loading.py`)",
+        "## Checkpoint contents (`tests/loading/test_custom_code.py`, `tests/loading/test_strict_loading.py`)",
         "",
         "- No code from a checkpoint directory runs. Before any transformers `Auto*` call, every loader (VILA-HD "
         "and PS3 `from_pretrained`, the processors, the PS3 tokenizer, the VILA layout loader, the stage-1 builder,"
@@ -150,7 +150,7 @@ def _contents_section(c: dict) -> list[str]:
         "`config.json`, `tokenizer_config.json`, `processor_config.json` or `preprocessor_config.json`, in the "
         "directory and in its `llm/`, `vision_tower/`, `mm_projector/` folders (`CustomCodeError`, naming the key, "
         "the file and the `.py` it points at). Every transformers / peft `from_pretrained` / `from_config` call "
-        "also passes `trust_remote_code=False` (an AST scan in `tests/test_loading_safety.py` fails any that does "
+        "also passes `trust_remote_code=False` (an AST scan in `tests/loading/test_loading_safety.py` fails any that does "
         "not, outside an explicit list of our own loaders). The tests plant an `evil.py` that writes a marker when "
         "imported, answer `y` on stdin, and check the marker never appears (and that transformers told to trust "
         "remote code does import it).",
@@ -225,7 +225,7 @@ def render(figures: dict, outcomes: dict, full: bool) -> str:
         f"Python API | every request over a limit refused before the model runs, with the limit and its flag "
         f"named; {_status(outcomes['limits'])} |",
         "",
-        "## Image input (`tests/test_fuzz_images.py`)",
+        "## Image input (`tests/processing/test_fuzz_images.py`)",
         "",
         "Seeds: JPEG (baseline, progressive, grey, CMYK, EXIF-rotated), PNG (RGB, RGBA, palette + transparency, grey,"
         " 16-bit, 1-bit, LA, APNG), WebP (lossy, lossless RGBA, animated), TIFF (raw, LZW, deflate, JPEG, PackBits, "
@@ -251,7 +251,7 @@ def render(figures: dict, outcomes: dict, full: bool) -> str:
         f"{images.get('memory_bound_mb', 0):.0f} MiB = 48 bytes x pixel limit) |",
         f"| slowest case | {images.get('child_slowest_case_s', 0)} s (alarm at 10 s) |",
         "",
-        "## Data files (`tests/test_fuzz_data.py`)",
+        "## Data files (`tests/train/test_fuzz_data.py`)",
         "",
         "Records: valid LLaVA / `messages` records with 0-2 of the faults real files hold (a turn replaced by junk, a"
         " key dropped or of the wrong type, a conversation ending on a user turn, reversed turns, boxes of any shape,"
@@ -267,7 +267,7 @@ def render(figures: dict, outcomes: dict, full: bool) -> str:
         "Absolute paths and `..` escapes out of the media folder are refused (`image path escapes the media "
         "folder`) unless the dataset entry sets `allow_outside_media: true`.",
         "",
-        "## Training faults (`tests/test_fault_injection.py`)",
+        "## Training faults (`tests/train/test_fault_injection.py`)",
         "",
         "| figure | value |",
         "|---|---|",
@@ -281,7 +281,7 @@ def render(figures: dict, outcomes: dict, full: bool) -> str:
         " `latest`, the error says so (`CheckpointWriteError`) |",
         "",
         *_checkpoints_section(checkpoints),
-        "## Loading safety (`tests/test_loading_safety.py`)",
+        "## Loading safety (`tests/loading/test_loading_safety.py`)",
         "",
         "- Weights are read from safetensors only: PS3 and VILA-HD `from_pretrained`, the VILA layout loader, "
         "`vila_hd.loading.load_pretrained` / `vila_hd.load` (model and LoRA adapter) refuse a directory with only `.bin` / `.pt` "
@@ -295,7 +295,7 @@ def render(figures: dict, outcomes: dict, full: bool) -> str:
         "`FileNotFoundError` raised before any Hub call (the tests make every Hub function and socket fail).",
         "",
         *_contents_section(contents),
-        "## Serving limits (`tests/test_serving_limits.py`)",
+        "## Serving limits (`tests/serve/test_serving_limits.py`)",
         "",
         "`vila_hd.engine.ServingLimits`, enforced by the engine before the model runs (so `vila-hd chat`, "
         "`vila-hd infer` and `vila_hd.load(...)` all get them); a request over a limit raises `LimitExceeded` "

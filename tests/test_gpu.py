@@ -121,7 +121,7 @@ def test_segment_attention_on_cuda_matches_the_masked_path():
 
 
 def test_the_training_forward_and_look_close_never_synchronise_on_cuda(tmp_path):
-    """What tests/test_train_step.py counts on the CPU, checked by CUDA itself: torch raises on any operation that
+    """What tests/train/test_train_step.py counts on the CPU, checked by CUDA itself: torch raises on any operation that
     waits for the device (including blocking copies from the host)."""
     from train_helpers import step_samples
 

@@ -5,7 +5,7 @@ What it guarantees, whatever the source:
 - the pixel limit is checked from the header *before* decoding, so a decompression bomb costs nothing;
 - EXIF orientation applied; the first frame of animated / multi-page files;
 - every failure is an `ImageLoadError` whose message names the culprit (path or description) and the reason,
-  whatever a decoder raised on malformed data (tests/test_fuzz_images.py feeds it thousands of mutated files);
+  whatever a decoder raised on malformed data (tests/processing/test_fuzz_images.py feeds it thousands of mutated files);
 - files and bytes are decoded only in `ACCEPTED_FORMATS`: raster formats Pillow decodes itself. Never EPS / PS
   (Pillow hands those to Ghostscript, an interpreter) nor the rarely used formats whose decoders see little use;
   open such a file with Pillow yourself and pass the image if you trust it;
@@ -380,7 +380,7 @@ def _premultiplied_on_white(a: np.ndarray) -> Image.Image:
 
 
 # The conversions below work on blocks of about this many values, so that their float64 / uint32 temporaries cost a
-# few MB whatever the image size: peak memory stays a small multiple of the decoded image (tests/test_fuzz_images.py).
+# few MB whatever the image size: peak memory stays a small multiple of the decoded image (tests/processing/test_fuzz_images.py).
 _BLOCK_VALUES = 1 << 20
 
 

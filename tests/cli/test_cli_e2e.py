@@ -18,13 +18,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import testpaths
 import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from train_helpers import fresh_job_env, make_dataset, one_thread, stage_dict  # noqa: F401 (fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(testpaths.REPO_ROOT)
 QUESTION = "What is written on the label?"
 LORA_FLAGS = ["--rank", "4", "--micro-batch-size", "2", "--global-batch-size", "2", "--max-length", "512",
               "--set", "max_steps=2", "--set", "precision=fp32", "--set", "look_close.num_look_close=2",

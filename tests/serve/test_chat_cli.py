@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import testpaths
 from PIL import Image
 from serving_helpers import rgb
 
@@ -20,7 +21,7 @@ from vila_hd import cli
 from vila_hd.chat import ChatSession, read_message
 from vila_hd.engine import Engine, GenerationOptions, ServingLimits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = testpaths.REPO_ROOT
 TIMING_KEYS = {"preprocess_s", "prefix_s", "encode_s", "prefill_s", "decode_s", "total_s", "tokens_per_s"}
 
 

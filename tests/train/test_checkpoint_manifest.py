@@ -22,6 +22,7 @@ import sys
 import zipfile
 
 import pytest
+import testpaths
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -31,7 +32,7 @@ pytest.importorskip("deepspeed")
 
 from vila_hd.train import checkpoint as ckpt  # noqa: E402
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = testpaths.TESTS_DIR
 ROOT = os.path.dirname(TESTS)
 STEP2, STEP4 = ckpt.step_name(2), ckpt.step_name(4)
 MODEL = "engine/mp_rank_00_model_states.pt"

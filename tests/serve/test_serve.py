@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+import testpaths
 from serving_helpers import rgb
 
 pytest.importorskip("fastapi")
@@ -597,7 +598,7 @@ def test_a_full_queue_gets_429_with_retry_after(engine):
 
 
 def test_load_quick_variant(server):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    sys.path.insert(0, os.path.join(testpaths.REPO_ROOT, "bench"))
     from serve_load import run_load
 
     report = run_load(server.url, clients=8, requests=16, max_tokens=4, timeout_s=60)

@@ -26,6 +26,7 @@ import sys
 import time
 
 import pytest
+import testpaths
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -33,7 +34,7 @@ from train_helpers import fresh_job_env, make_dataset, stage_dict
 
 pytest.importorskip("deepspeed")
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = testpaths.TESTS_DIR
 ROOT = os.path.dirname(TESTS)
 WORLD = 2
 STEPS = 6  # the CI run; the full run trains 12 steps, so that more kills land before the end

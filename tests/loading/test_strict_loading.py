@@ -2,7 +2,7 @@
 
 A checkpoint with a tensor removed, with none at all (an empty ``model.safetensors``), with an extra tensor or
 with a mis-shaped one is a ``CheckpointError`` naming the keys -- for our single-directory format, a PS3 checkpoint
-and the VILA layout's LLM (its other parts: tests/test_vila_checkpoint.py), in the library and through ``vila-hd
+and the VILA layout's LLM (its other parts: tests/compat/test_vila_checkpoint.py), in the library and through ``vila-hd
 chat`` (one line, exit 1, no traceback, no transformers load-report table). ``allow_missing_keys=`` /
 ``allow_unexpected_keys=`` patterns (and transformers' ``ignore_mismatched_sizes=True``) allow them explicitly:
 then only the allowed tensors are fresh, every other one is the checkpoint's, bit for bit. A PS3 ``model_name``
@@ -219,7 +219,7 @@ def test_a_full_ps3_checkpoint_fills_either_tower_by_design(tmp_path):
         assert_only_fresh(cls.from_pretrained(tmp_path), original, set())
 
 
-# --- the VILA layout's LLM (the other parts: tests/test_vila_checkpoint.py) -------------------------------------
+# --- the VILA layout's LLM (the other parts: tests/compat/test_vila_checkpoint.py) -------------------------------------
 @pytest.fixture
 def vila_dir(tiny, tmp_path) -> Path:
     from vila_hd.compat.vila_checkpoint import export_vila_checkpoint

@@ -273,7 +273,7 @@ def test_asking_for_remote_code_is_refused(checkpoint):
 
 def test_an_empty_auto_map_and_unreadable_configs_are_left_alone(checkpoint):
     """``auto_map: {}`` names no code (transformers writes none); a config that does not parse is the loader's to
-    report (see tests/test_cli_errors.py), not a custom-code refusal."""
+    report (see tests/cli/test_cli_errors.py), not a custom-code refusal."""
     from vila_hd.hub import refuse_custom_code
 
     data = json.loads((checkpoint / "config.json").read_text())

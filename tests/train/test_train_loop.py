@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import testpaths
 import torch
 from safetensors.torch import load_file
 from tolerances import assert_fp_close
@@ -20,7 +21,7 @@ from vila_hd.model.parts import part_of  # noqa: E402
 from vila_hd.train.config import stage_from_dict  # noqa: E402
 from vila_hd.train.stage import run_stage  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = testpaths.REPO_ROOT
 
 
 @pytest.fixture(scope="module", autouse=True)

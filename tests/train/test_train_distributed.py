@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import testpaths
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -21,7 +22,7 @@ from vila_hd.model.parts import part_of  # noqa: E402
 from vila_hd.train.config import stage_from_dict  # noqa: E402
 from vila_hd.train.stage import run_stage  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = testpaths.REPO_ROOT
 
 
 def torchrun(config: dict, tmp_path, name: str) -> subprocess.CompletedProcess:

@@ -26,6 +26,7 @@ import zlib
 
 import numpy as np
 import pytest
+import testpaths
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,8 +39,9 @@ from vila_hd.ps3.image_processing import PS3ImageProcessor
 SIZE = 32  # processor output side: the decode is what is fuzzed, not the resize
 FUZZ_MAX_PIXELS = 1 << 22  # 4.2 M pixels: mutated headers may claim anything up to this
 CASE_SECONDS = 10.0  # one decode of a <= 4 M pixel image takes milliseconds; 10 s means a hang
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = testpaths.TESTS_DIR
 ROOT = os.path.dirname(TESTS)
+HERE = os.path.dirname(os.path.abspath(__file__))  # this module, which the child process imports
 
 
 # --- the seed corpus --------------------------------------------------------------------------------------------
@@ -499,7 +501,7 @@ def child_main(argv: list[str]) -> None:
 def test_fuzz_in_a_child_process_with_bounded_memory(tmp_path, reliability):
     cases = reliability.count(600, 30000)
     seed = random.randrange(1 << 30) if reliability.full else 1234
-    code = f"import sys; sys.path[:0] = [{TESTS!r}, {ROOT!r}]; import test_fuzz_images as t; t.child_main(sys.argv[1:])"
+    code = f"import sys; sys.path[:0] = [{HERE!r}, {TESTS!r}, {ROOT!r}]; import test_fuzz_images as t; t.child_main(sys.argv[1:])"
     proc = subprocess.run([sys.executable, "-c", code, str(cases), str(seed), str(tmp_path)],
                           capture_output=True, text=True, timeout=60 + cases * 0.2, cwd=ROOT)
     if proc.returncode != 0:

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import testpaths
 import torch
 from tolerances import assert_fp_close
 from train_helpers import fresh_job_env, one_thread  # noqa: F401 (fixture)
@@ -19,7 +20,7 @@ from vila_hd.train.pretrain.init import init_from_ps3  # noqa: E402
 from vila_hd.train.pretrain.loop import base_config, build_model, pretrain_main, run_pretrain  # noqa: E402
 from vila_hd.train.pretrain.model import SELECTION_MODULES  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = testpaths.REPO_ROOT
 DEMO = os.path.join(ROOT, "configs", "ps3", "tiny_demo.yaml")
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import testpaths
 from test_cli_errors import one_error_line, run_main
 from train_helpers import fresh_job_env, make_dataset, stage_dict
 
@@ -340,7 +341,7 @@ def test_data_check_lists_every_missing_dataset_of_a_registry_and_exits_2(capsys
 
 
 def test_the_readme_and_the_guide_give_data_checks_exit_codes():
-    root = Path(__file__).resolve().parent.parent
+    root = Path(testpaths.REPO_ROOT)
     guide = " ".join((root / "docs" / "training.md").read_text().split())
     assert "0, no bad sample; 1, bad samples found (the report says which); 2, the data cannot be checked" in guide
     readme = (root / "README.md").read_text()

@@ -21,9 +21,10 @@ import socket
 import sys
 
 import pytest
+import testpaths
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = testpaths.REPO_ROOT
 PACKAGES = ["vila_hd", "llava_compat", "train", "eval"]
 
 
@@ -327,7 +328,7 @@ PS3VisionModel.from_pretrained(p); TokenLayoutSpec.from_config(c)
 def test_the_scans_own_loaders_are_ours(owner):
     """Each class the scan lets call ``from_pretrained`` / ``from_config`` freely defines them in our package
     (so the allowance cannot cover a transformers class of the same name); that they refuse an ``auto_map`` is
-    tests/test_custom_code.py's."""
+    tests/loading/test_custom_code.py's."""
     import importlib
 
     cls = getattr(importlib.import_module(OWN_LOADERS[owner]), owner)
