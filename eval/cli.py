@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vila_hd import dtypes
 from vila_hd.arguments import Command, UsageError, dispatch, positive_int
 from vila_hd.eval import synthetic
 from vila_hd.eval.benchmarks import ALIASES, BENCHMARKS, FormatError, build_benchmark
@@ -79,7 +80,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                             "instead of refusing the run")
     model.add_argument("--adapter", metavar="DIR_OR_HUB_ID", help="LoRA adapter to apply on --model")
     model.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda:LOCAL_RANK under torchrun, else auto)")
-    model.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    model.add_argument("--dtype", choices=["auto", *dtypes.CHOICES], default="auto")
     model.add_argument("--device-map", metavar="MAP", help="'auto' spreads the model over the visible GPUs")
     model.add_argument("--load-4bit", action="store_true", help="4-bit LLM weights (bitsandbytes, CUDA)")
     add_generation_arguments(parser)

@@ -19,7 +19,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from vila_hd import errors
+from vila_hd import dtypes, errors
 from vila_hd.arguments import (
     Command,
     UsageError,
@@ -176,7 +176,7 @@ def _finetune_lora(args: argparse.Namespace) -> int:
 def _merge_lora_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json names its base)")
     parser.add_argument("--out", required=True, help="output directory of the merged checkpoint")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+    parser.add_argument("--dtype", choices=dtypes.CHOICES, default=None,
                         help="dtype of the written weights (default: the base checkpoint's)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out (never into the "
                         "adapter's base checkpoint): the *.safetensors files and model.safetensors.index.json "
@@ -190,7 +190,7 @@ def _merge_lora(args: argparse.Namespace) -> int:
     import vila_hd.train.trainer  # noqa: F401 - its logging filter drops DeepSpeed's banner (save_pretrained imports it)
     from vila_hd.train.lora import merge_adapter
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = dtypes.resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else None
     with naming_model(args.adapter):
         out = merge_adapter(args.adapter, args.out, dtype=dtype, force=args.force)
     print(f"merged {args.adapter} into {out}")

@@ -1,33 +1,41 @@
 """The one home of dtype names (no project imports): ``"bf16"``, ``"float32"``, ... -> :class:`torch.dtype`.
 
-:data:`DTYPES` maps every accepted name to its dtype; :func:`resolve_dtype` turns a name, a dtype or
+:data:`DTYPES` maps every accepted name to its dtype; :data:`CHOICES` are the names the command line offers
+(``--dtype``; the module is imported for them without torch); :func:`resolve_dtype` turns a name, a dtype or
 ``None`` / ``"auto"`` (bf16 on a GPU that supports it, fp16 on older ones, fp32 elsewhere) into a dtype.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+# Accepted name -> the torch attribute it stands for.
+NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+         "float16": "float16", "fp16": "float16"}
+CHOICES = ("bfloat16", "float16", "float32")  # what --dtype offers (besides auto, where a command has it)
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":  # built on first use, so that the CLI reads CHOICES without importing torch
+        import torch
+
+        return {key: getattr(torch, value) for key, value in NAMES.items()}
+    raise AttributeError(f"module 'vila_hd.dtypes' has no attribute {name!r}")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The requested dtype, else bf16 on a GPU that supports it (fp16 on older ones) and fp32 elsewhere."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is not None and dtype != "auto":
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
-        return DTYPES[dtype]
+        if dtype not in NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(NAMES)} or 'auto'")
+        return getattr(torch, NAMES[dtype])
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32

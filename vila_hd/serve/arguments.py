@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 
-from vila_hd import errors
+from vila_hd import dtypes, errors
 from vila_hd.arguments import (
     SEED_MAX,
     limit_arg,
@@ -41,7 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="cuda, cuda:1, cpu, mps... (default: cuda if available, else cpu)")
     group.add_argument(
         "--dtype",
-        choices=["auto", "bfloat16", "float16", "float32"],
+        choices=["auto", *dtypes.CHOICES],
         default="auto",
         help="weights dtype (default auto: bfloat16 on a GPU, float32 on the CPU)",
     )
