@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vila_hd import dtypes
-from vila_hd.arguments import Command, UsageError, dispatch, positive_int
+from vila_hd.arguments import Command, UsageError, dispatch, guarded, positive_int
 from vila_hd.eval import synthetic
 from vila_hd.eval.benchmarks import ALIASES, BENCHMARKS, FormatError, build_benchmark
 from vila_hd.eval.benchmarks.base import ANSWER_PARSERS
@@ -182,4 +182,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

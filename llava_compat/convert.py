@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from vila_hd.arguments import Command
+from vila_hd.arguments import Command, guarded
 from vila_hd.quiet import drop_deepspeed_banners
 
 DESCRIPTION = """Convert a checkpoint between the VILA layout (llm/, vision_tower/, mm_projector/) and the
@@ -131,4 +131,4 @@ CONVERT = Command("convert", help="convert checkpoints between the VILA layout a
 main = CONVERT.main  # ``main(argv)``: the command from Python, as the other commands' ``*_main``
 
 if __name__ == "__main__":  # pragma: no cover - `vila-hd convert` reports errors in one line
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -71,3 +71,21 @@ def test_the_repository_folders_are_not_importable_on_their_own(tmp_path):
     code = "import importlib.util as u; print([n for n in ('train', 'eval', 'llava_compat') if u.find_spec(n)])"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_a_shipped_recipe_is_found_by_the_name_the_docs_use_from_any_folder(tmp_path, monkeypatch):
+    from vila_hd.train.config import load_stage
+    from vila_hd.train.pretrain.config import load_pretrain_config
+
+    monkeypatch.chdir(tmp_path)
+    shipped = str(configs.path("ps3", "tiny_demo.yaml"))
+    for name in ("configs/ps3/tiny_demo.yaml", "ps3/tiny_demo.yaml", "tiny_demo.yaml", "tiny_demo"):
+        assert configs.find(name, "ps3") == shipped, name
+    assert load_stage("configs/stages/lora.yaml").lora.r > 0  # the README's path, outside a clone
+    assert load_pretrain_config("tiny_demo").max_steps >= 1
+    for missing in ("configs/ps3/nope.yaml", "nope", "../configs/ps3/tiny_demo.yaml", str(tmp_path / "nope.yaml")):
+        assert configs.find(missing, "ps3") == missing  # the caller's open names it as written
+    own = tmp_path / "configs" / "ps3" / "tiny_demo.yaml"
+    own.parent.mkdir(parents=True)
+    own.write_text("max_steps: 3\n")
+    assert configs.find("configs/ps3/tiny_demo.yaml", "ps3") == "configs/ps3/tiny_demo.yaml"  # a user's own wins

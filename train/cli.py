@@ -24,6 +24,7 @@ from vila_hd.arguments import (
     Command,
     UsageError,
     dispatch,
+    guarded,
     look_close_arg,
     non_negative_int,
     positive_float,
@@ -357,4 +358,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

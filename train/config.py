@@ -252,8 +252,15 @@ def build_section(cls, data: Any, where: str):
         elif name == "trainable" and isinstance(value, dict):
             kwargs[name] = {k: _learning_rate(v, f"{path}.{k}") for k, v in value.items()}
         else:
-            kwargs[name] = _limited(cls, name, typed_value(value, hints[name], path), path)
+            kwargs[name] = checked_field(cls, name, value, path, hints)
     return cls(**kwargs)
+
+
+def checked_field(cls: type, name: str, value: Any, where: str, hints: dict[str, Any] | None = None) -> Any:
+    """``value`` for the field ``name`` of the dataclass ``cls``: of the field's annotated type and within its
+    :data:`LIMITS`; else a ConfigError naming ``where``."""
+    hints = typing.get_type_hints(cls) if hints is None else hints
+    return _limited(cls, name, typed_value(value, hints[name], where), where)
 
 
 # --- typed values: one check over every dataclass field, by its annotation -------------------------------
@@ -333,6 +340,9 @@ LIMITS: dict[tuple[str, str], tuple[str, Callable[[Any], bool]]] = {
     ("StageConfig", "max_steps"): _range(">= 1", lambda v: v >= 1),
     ("StageConfig", "epochs"): _range("> 0", lambda v: v > 0),
     ("StageConfig", "seed"): _range(f"in 0..{SEED_MAX}", lambda v: 0 <= v <= SEED_MAX),
+    ("PretrainConfig", "max_steps"): _range(">= 1", lambda v: v >= 1),
+    ("PretrainConfig", "epochs"): _range("> 0", lambda v: v > 0),
+    ("PretrainConfig", "seed"): _range(f"in 0..{SEED_MAX}", lambda v: 0 <= v <= SEED_MAX),
     ("DataConfig", "num_workers"): _range(">= 0", lambda v: v >= 0),
     ("DataConfig", "seed"): _range(f"in 0..{SEED_MAX}", lambda v: 0 <= v <= SEED_MAX),
     ("LossConfig", "selection_weight"): _range(">= 0", lambda v: v >= 0),
@@ -413,7 +423,9 @@ def stage_from_dict(data: dict[str, Any], overrides: list[str] | None = None) ->
 
 
 def load_stage(path: str | os.PathLike, overrides: list[str] | None = None) -> StageConfig:
-    """Read a stage YAML and apply ``--set`` overrides; errors name the offending key."""
+    """Read a stage YAML (a path, or a shipped recipe's name: :func:`vila_hd.configs.find`) and apply ``--set``
+    overrides; errors name the offending key."""
+    path = configs.find(path, "stages")
     with open(path) as f, naming_file(path, "recipe"):
         data = yaml.safe_load(f) or {}
     try:

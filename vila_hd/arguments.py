@@ -20,6 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vila_hd import errors
+
+DEBUG_FLAG = "--debug"
+
 
 class UsageError(Exception):
     """Arguments that parse but do not go together: the command's parser reports it as argparse reports a bad
@@ -84,13 +88,38 @@ def run_parsed(args: argparse.Namespace) -> int:
 
 
 def dispatch(commands: Sequence[Command], argv: Sequence[str], prog: str) -> int:
-    """``prog COMMAND ARGS``: run the command named ``argv[0]`` on the rest (``python -m ...`` entry points);
-    a usage line and exit code 2 when it names none of ``commands``."""
+    """``prog COMMAND ARGS``: run the command named ``argv[0]`` on the rest (``python -m ...`` entry points).
+    ``--help`` lists the commands (exit code 0); no command, or one not in ``commands``, lists them as usage
+    (exit code 2)."""
     by_name = {command.name: command for command in commands}
-    if not argv or argv[0] not in by_name:
-        print(f"usage: {prog} {{{','.join(by_name)}}} ...", file=sys.stderr)
-        return 2
-    return by_name[argv[0]].main(argv[1:])
+    if argv and argv[0] in by_name:
+        return by_name[argv[0]].main(argv[1:])
+    listing = "\n".join(f"  {name:<14} {command.help}" for name, command in by_name.items())
+    asked = bool(argv) and argv[0] in ("-h", "--help")
+    print(f"usage: {prog} {{{','.join(by_name)}}} ...\n\ncommands:\n{listing}\n\n`{prog} COMMAND --help` "
+          "describes each command.", file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
+
+
+def guarded(call: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``call(argv)`` (default ``sys.argv[1:]``) as a command line: ``--debug`` anywhere before a ``--`` is
+    taken out and prints the traceback of a user error; otherwise a user error (see
+    :func:`vila_hd.errors.is_user_error`) is one ``vila-hd: error: ...`` line and exit code 1. Anything else is a
+    bug and propagates. ``vila-hd`` and every ``python -m`` entry point run through it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = argv[: argv.index("--")] if "--" in argv else argv  # --debug before a `--` only
+    debug = DEBUG_FLAG in options
+    argv = [a for a in options if a != DEBUG_FLAG] + argv[len(options):]
+    errors.DEBUG = debug
+    try:
+        return call(argv)
+    except Exception as err:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
+        if debug or not errors.is_user_error(err):
+            raise
+        print(f"vila-hd: error: {errors.describe(err)}", file=sys.stderr)
+        return 1
+    finally:
+        errors.DEBUG = False
 
 
 # --- argument types (argparse turns their errors into exit code 2 with the message) ----------------------------

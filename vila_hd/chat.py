@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
-from vila_hd.arguments import Command
+from vila_hd.arguments import Command, guarded
 from vila_hd.images import ImageLoadError, PixelLimitError
 from vila_hd.serve.arguments import add_generation_arguments, add_limit_arguments, add_model_arguments, load_engine
 
@@ -409,4 +409,4 @@ CHAT = Command(
 )
 
 if __name__ == "__main__":
-    sys.exit(CHAT.main())
+    sys.exit(guarded(CHAT.main))

@@ -21,14 +21,12 @@ import argparse
 import sys
 from collections.abc import Iterable, Sequence
 
-from vila_hd import __version__, chat, demo, errors, infer
-from vila_hd.arguments import Command, run_parsed
+from vila_hd import __version__, chat, demo, infer
+from vila_hd.arguments import DEBUG_FLAG, Command, guarded, run_parsed
 from vila_hd.compat import convert
 from vila_hd.eval import cli as eval_cli
 from vila_hd.serve import cli as serve_cli
 from vila_hd.train import cli as train_cli
-
-DEBUG_FLAG = "--debug"
 
 # The subcommands, in the order `vila-hd --help` lists them.
 COMMANDS: dict[str, Command] = {
@@ -64,21 +62,8 @@ def build_parser(names: Iterable[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vila-hd ARGV``; returns the exit code (argparse exits with 2 on bad arguments, a user error
-    returns 1 after one ``vila-hd: error:`` line)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    options = argv[: argv.index("--")] if "--" in argv else argv  # --debug before a `--` only
-    debug = DEBUG_FLAG in options
-    argv = [a for a in options if a != DEBUG_FLAG] + argv[len(options):]
-    errors.DEBUG = debug
-    try:
-        return _dispatch(argv)
-    except Exception as err:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
-        if debug or not errors.is_user_error(err):
-            raise
-        print(f"vila-hd: error: {errors.describe(err)}", file=sys.stderr)
-        return 1
-    finally:
-        errors.DEBUG = False
+    returns 1 after one ``vila-hd: error:`` line; see :func:`vila_hd.arguments.guarded`)."""
+    return guarded(_dispatch, argv)
 
 
 def _dispatch(argv: list[str]) -> int:

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vila_hd.arguments import Command
+from vila_hd.arguments import Command, guarded
 
 PATTERNS = ("horizontal stripes", "vertical stripes", "checkerboard")  # the options, always in this order
 DECOY_TEXTURE = "fine checkerboard"  # what fills the squares that are not asked about
@@ -842,4 +842,4 @@ def run_demo(run: RunConfig, out: Path, *, seed: int = 0, scale: str = "tiny", q
 
 
 if __name__ == "__main__":
-    sys.exit(DEMO.main())
+    sys.exit(guarded(DEMO.main))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vila_hd.arguments import Command, positive_int
+from vila_hd.arguments import Command, guarded, positive_int
 from vila_hd.errors import FileFormatError
 from vila_hd.images import ImageLoadError
 from vila_hd.serve.arguments import add_generation_arguments, add_limit_arguments, add_model_arguments, load_engine
@@ -266,4 +266,4 @@ INFER = Command(
 )
 
 if __name__ == "__main__":
-    sys.exit(INFER.main())
+    sys.exit(guarded(INFER.main))

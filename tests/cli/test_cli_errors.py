@@ -294,3 +294,21 @@ def test_project_error_types_are_user_errors(capsys, monkeypatch):
     code, err = run_main(capsys, "merge-lora", "--adapter", "a", "--out", "b")
     assert code == 1
     one_error_line(err, "/ckpt/step_2/model_states.pt holds objects other than tensors")
+
+
+# --- the `python -m` entry points (torchrun / deepspeed launch these) behave as `vila-hd` does ------------------
+@pytest.mark.parametrize("module, argv, code, stream, expected", [
+    ("vila_hd.train.cli", ["train", "nope.yaml"], 1, "stderr", "vila-hd: error: nope.yaml: No such file"),
+    ("vila_hd.train.pretrain.loop", ["nope.yaml"], 1, "stderr", "vila-hd: error: nope.yaml: No such file"),
+    ("vila_hd.eval.cli", ["eval", "--benchmark", "jsonl", "--data", ".", "--model", "m", "--output", "o"], 1,
+     "stderr", "vila-hd: error: "),
+    ("vila_hd.train.cli", ["--help"], 0, "stdout", "  finetune-lora  LoRA fine-tuning"),
+    ("vila_hd.eval.cli", [], 2, "stderr", "usage: python -m vila_hd.eval.cli {eval,synth} ..."),
+    ("vila_hd.serve.cli", ["--help"], 0, "stdout", "usage: vila-hd serve"),
+])
+def test_module_entry_points_report_like_vila_hd(tmp_path, module, argv, code, stream, expected):
+    proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    out = getattr(proc, stream)
+    assert proc.returncode == code and expected in out, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr

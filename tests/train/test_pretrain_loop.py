@@ -65,6 +65,11 @@ def test_every_shipped_recipe_parses_with_the_papers_settings():
         ({"data": {"train": "a.jsonl"}, "init": {"source": "clip", "path": "x"}}, "init.source must be one of"),
         ({"data": {"train": "a.jsonl"}, "init": {"source": "random"}, "precision": "fp16"}, "precision must be bf16 or fp32"),
         ({"data": {"train": "a.jsonl"}, "init": {"source": "random"}, "compile": {"mode": "fast"}}, "compile.mode"),
+        # The top-level fields get the stage recipes' typed checks and limits.
+        ({"data": {"train": "a.jsonl"}, "init": {"source": "random"}, "seed": [1, 2]}, r"seed: expected an integer"),
+        ({"data": {"train": "a.jsonl"}, "init": {"source": "random"}, "seed": -5}, r"seed: expected a value in 0\.\."),
+        ({"data": {"train": "a.jsonl"}, "init": {"source": "random"}, "max_steps": -1}, r"max_steps: expected a value >= 1"),
+        ({"data": {"train": "a.jsonl"}, "init": {"source": "random"}, "epochs": 0}, r"epochs: expected a value > 0"),
     ],
 )
 def test_bad_recipes_name_the_key(data, match):

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from vila_hd import configs
 from vila_hd.train.config import (
     BatchConfig,
     CheckpointConfig,
@@ -31,6 +32,7 @@ from vila_hd.train.config import (
     OptimConfig,
     apply_overrides,
     build_section,
+    checked_field,
 )
 
 __all__ = [
@@ -186,14 +188,16 @@ def pretrain_config_from_dict(data: dict[str, Any], overrides: list[str] | None 
             built.crop_scale = tuple(float(v) for v in built.crop_scale)
             kwargs[name] = built
         else:
-            kwargs[name] = value
+            kwargs[name] = checked_field(PretrainConfig, name, value, name)
     config = PretrainConfig(**kwargs)
     config.validate()
     return config
 
 
 def load_pretrain_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PretrainConfig:
-    """Read a PS3 pre-training YAML and apply ``--set key=value`` overrides; errors name the file and the key."""
+    """Read a PS3 pre-training YAML (a path, or a shipped recipe's name: :func:`vila_hd.configs.find`) and apply
+    ``--set key=value`` overrides; errors name the file and the key."""
+    path = configs.find(path, "ps3")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     try:

@@ -352,4 +352,6 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(pretrain_main())
+    from vila_hd.arguments import guarded
+
+    sys.exit(guarded(pretrain_main))

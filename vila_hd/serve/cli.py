@@ -166,3 +166,9 @@ def setup_logging(log_json: bool) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+if __name__ == "__main__":
+    from vila_hd.arguments import guarded
+
+    sys.exit(guarded(SERVE.main))
