@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from vila_hd.arguments import Command, guarded
-from vila_hd.images import ImageLoadError, PixelLimitError
+from vila_hd.images import ImageLoadError, PixelLimitError, load_image
 from vila_hd.serve.arguments import add_generation_arguments, add_limit_arguments, add_model_arguments, load_engine
 
 if TYPE_CHECKING:  # the engine (torch) is imported when the command runs: `vila-hd --help` stays fast
@@ -357,16 +357,19 @@ def run(args: argparse.Namespace) -> int:
     if args.json and args.prompt is None:
         print(f"{prog}: error: --json needs --prompt", file=sys.stderr)
         return 2
+    images = []
+    for path in args.image:  # a missing or bad image fails before the model is loaded
+        try:
+            images.append(load_image(path, max_pixels=args.limit_image_pixels))
+        except ImageLoadError as error:
+            print(f"{prog}: error: {image_error(error)}", file=sys.stderr)
+            return 1
     engine = load_engine(args, prog)
     if engine is None:
         return 1
     session = ChatSession(engine, system=args.system, error_prefix="error" if args.prompt is None else f"{prog}: error")
-    for path in args.image:
-        try:
-            session.conversation.add_image(path, engine.max_image_pixels)
-        except ImageLoadError as error:
-            print(f"{prog}: error: {image_error(error)}", file=sys.stderr)
-            return 1
+    for image in images:
+        session.conversation.add_image(image, engine.max_image_pixels)
     if args.prompt is not None:
         return answer_once(session, sys.stdin.read() if args.prompt == "-" else args.prompt, args)
     device = engine.input_device

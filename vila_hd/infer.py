@@ -232,10 +232,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: error: input file {args.input} does not exist", file=sys.stderr)
         return 1
     try:
-        read_items(args.input)  # fail on duplicate ids before loading a model
+        items = read_items(args.input)  # fail on duplicate ids before loading a model
     except (ValueError, OSError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
+    if not {item.key for item in items} - read_done(args.output, args.retry_errors):  # nothing left: no model
+        print(_summary({"total": len(items), "skipped": len(items), "answered": 0, "errors": 0}, args.output),
+              file=sys.stderr)
+        return 0
     engine = load_engine(args, prog, image_cache_size=0)
     if engine is None:
         return 1
@@ -248,12 +252,13 @@ def run(args: argparse.Namespace) -> int:
         retry_errors=args.retry_errors,
         progress=not args.no_progress,
     )
-    print(
-        f"{counts['answered']} answered, {counts['errors']} errors, {counts['skipped']} already done "
-        f"(of {counts['total']}); answers in {args.output}",
-        file=sys.stderr,
-    )
+    print(_summary(counts, args.output), file=sys.stderr)
     return 0
+
+
+def _summary(counts: dict[str, int], output: str) -> str:
+    return (f"{counts['answered']} answered, {counts['errors']} errors, {counts['skipped']} already done "
+            f"(of {counts['total']}); answers in {output}")
 
 
 INFER = Command(

@@ -304,6 +304,18 @@ def test_bad_start_image_exits_1(files, monkeypatch, capsys):
     assert code == 1 and "broken.png: unrecognised image format" in err
 
 
+def test_a_bad_start_image_fails_before_the_model_loads(files, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the images were checked")
+
+    monkeypatch.setattr("vila_hd.chat.load_engine", no_model)
+    for name, message in [("broken.png", "unrecognised image format"), ("missing.png", "not found")]:
+        code, out, err = run_cli(
+            monkeypatch, capsys, ["chat", "--model", str(files / "ckpt"), "--image", str(files / name), "--prompt", "hi"]
+        )
+        assert code == 1 and out == "" and f"vila-hd chat: error: {files / name}: {message}" in err.splitlines(), err
+
+
 @pytest.mark.parametrize(
     "limit, message",
     [

@@ -156,6 +156,21 @@ def test_interrupted_output_line_is_dropped_and_redone(data):
     assert read_done(data / "none.jsonl") == set()
 
 
+def test_a_finished_run_does_not_load_the_model(data, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a run with nothing left to do")
+
+    monkeypatch.setattr("vila_hd.infer.load_engine", no_model)
+    write_jsonl(data / "q.jsonl", [{"id": "a", "question": "x"}, {"id": 2, "question": "y"}])
+    write_jsonl(data / "a.jsonl", [{"id": "a", "answer": "x"}, {"id": 2, "answer": "y"}])
+    argv = ["--model", str(data / "no-model"), "--input", str(data / "q.jsonl"), "--output", str(data / "a.jsonl")]
+    assert run(argv) == 0
+    assert "0 answered, 0 errors, 2 already done (of 2)" in capsys.readouterr().err
+    write_jsonl(data / "q.jsonl", [{"id": "b", "question": "z"}])  # one new item: now the model is needed
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        run(argv)
+
+
 def test_duplicate_ids_and_missing_input_are_refused(checkpoint, data, capsys):
     write_jsonl(
         data / "dup.jsonl", [{"id": 1, "question": "a"}, {"id": 2, "question": "b"}, {"id": 1, "question": "c"}]
