@@ -23,6 +23,7 @@ from typing import Any
 from vila_hd import errors
 
 DEBUG_FLAG = "--debug"
+DEBUG_HELP = "print the traceback of errors that are otherwise one 'vila-hd: error:' line"
 
 
 class UsageError(Exception):
@@ -69,6 +70,7 @@ class Command:
                 command.add_to(commands)
         else:
             self.add_arguments(parser)
+            parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)  # taken out by `guarded`
         parser.set_defaults(parsed_by=(self, parser))  # a subcommand's parser sets it after its parent's
 
     def main(self, argv: Sequence[str] | None = None) -> int:

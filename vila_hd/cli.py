@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable, Sequence
 
 from vila_hd import __version__, chat, demo, infer
-from vila_hd.arguments import DEBUG_FLAG, Command, guarded, run_parsed
+from vila_hd.arguments import DEBUG_FLAG, DEBUG_HELP, Command, guarded, run_parsed
 from vila_hd.compat import convert
 from vila_hd.eval import cli as eval_cli
 from vila_hd.serve import cli as serve_cli
@@ -50,8 +50,7 @@ def build_parser(names: Iterable[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         DEBUG_FLAG,
         action="store_true",
-        help="print the traceback of errors that are otherwise one 'vila-hd: error:' line (also accepted "
-        "after COMMAND)",
+        help=f"{DEBUG_HELP} (also accepted after COMMAND)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     names = set(COMMANDS if names is None else names)

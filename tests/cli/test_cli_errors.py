@@ -207,6 +207,22 @@ def test_debug_shows_the_traceback_of_a_user_error(recipe):
         cli.main(["--debug", "train", str(recipe), "--set", "max_steps=-1"])
 
 
+def leaf_commands(commands, prefix=()):
+    for command in commands:
+        if command.subcommands:
+            yield from leaf_commands(command.subcommands, (*prefix, command.name))
+        else:
+            yield (*prefix, command.name)
+
+
+@pytest.mark.parametrize("names", list(leaf_commands(cli.COMMANDS.values())), ids=" ".join)
+def test_every_commands_help_lists_debug(capsys, names):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*names, "--help"])
+    assert exit_info.value.code == 0
+    assert "--debug" in capsys.readouterr().out
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     import vila_hd.train.cli
 
