@@ -290,8 +290,8 @@ def run_check(args):
             spec["format"] = args.format
         if args.allow_outside_media:
             spec["allow_outside_media"] = True
-        registry = {os.path.basename(args.target.rstrip("/")): ds.make_entry("data", spec,
-                                                                          allow_hint=ds.ALLOW_BY_FLAG)}
+        name = os.path.basename(args.target.rstrip("/"))
+        registry = {name: ds.make_entry(name, spec, allow_hint=ds.ALLOW_BY_FLAG)}
     mixture = args.mixture or (stage.data.mixture if kind == "stage" else None)
     names = list(dict.fromkeys(t.name for t in ds.parse_mixture(mixture))) if mixture else list(registry)
     unknown = [name for name in names if name not in registry]

@@ -199,6 +199,16 @@ def test_data_check_reports_every_planted_bad_sample(tmp_path, capsys):
     assert "train.json[1] id=s1: missing image" in text and "bad samples: 14" in text
 
 
+def test_data_check_of_a_file_names_the_file_in_its_errors(tmp_path, capsys):
+    from vila_hd import cli
+
+    path = tmp_path / "mine.json"
+    path.write_text('{"id": 1}\n')  # JSON lines under a .json name: not a list
+    assert cli.main(["data", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"vila-hd data check: error: dataset 'mine.json': {path} must hold a JSON list of samples" in err, err
+
+
 def test_training_skips_the_same_samples_with_the_same_reasons(tmp_path, processor):
     path, media, planted = _fixture(tmp_path)
     entry = ds.make_entry("train", {"path": str(path), "media": str(media)})
