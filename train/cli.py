@@ -53,6 +53,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     """``vila-hd train``: run one stage recipe."""
+    errors.require_extra("train", "vila-hd train")
     from vila_hd.train.config import load_stage
     from vila_hd.train.stage import run_stage
 
@@ -144,6 +145,7 @@ def _finetune_lora_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _finetune_lora(args: argparse.Namespace) -> int:
     """``vila-hd finetune-lora``: LoRA on a custom dataset (LLaVA JSON/JSONL or a ``messages`` dataset)."""
+    errors.require_extra("train", "vila-hd finetune-lora")
     from vila_hd.train.config import load_stage, refuse_output_in_init
     from vila_hd.train.stage import run_stage
 
@@ -186,6 +188,7 @@ def _merge_lora_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _merge_lora(args: argparse.Namespace) -> int:
     """``vila-hd merge-lora``: fold an adapter into its base model."""
+    errors.require_extra("train", "vila-hd merge-lora")
     import torch
 
     import vila_hd.train.trainer  # noqa: F401 - its logging filter drops DeepSpeed's banner (save_pretrained imports it)
@@ -319,6 +322,7 @@ def run_check(args):
 
 # --- vila-hd pretrain ------------------------------------------------------------------------------------------
 def _pretrain(args: argparse.Namespace) -> int:
+    errors.require_extra("train", "vila-hd pretrain")
     from vila_hd.train.pretrain.loop import pretrain
 
     return pretrain(args)

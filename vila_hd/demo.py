@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vila_hd.arguments import Command, guarded
+from vila_hd.errors import require_extra
 
 PATTERNS = ("horizontal stripes", "vertical stripes", "checkerboard")  # the options, always in this order
 DECOY_TEXTURE = "fine checkerboard"  # what fills the squares that are not asked about
@@ -746,6 +747,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``vila-hd demo``: every step (:func:`run_demo`) at the chosen scale; exit code 0."""
+    require_extra("train", "vila-hd demo (it trains a model)")
     run = SCALES[args.scale]
     if args.quick:
         run = quick(run)

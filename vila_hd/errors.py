@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import importlib.util
 import json
 import os
 from collections.abc import Iterator
@@ -27,6 +28,25 @@ class VilaHDError(ValueError):
 
 class ConfigError(VilaHDError):
     """A recipe / config value that is refused (the message names the key)."""
+
+
+class MissingExtraError(VilaHDError):
+    """A command needs an optional dependency that is not installed (the message names the extra to install)."""
+
+
+# The optional extras of setup.cfg a command may need, by the modules whose absence means "not installed".
+EXTRAS = {"train": ("deepspeed", "peft"), "serve": ("fastapi", "uvicorn")}
+
+
+def require_extra(extra: str, purpose: str) -> None:
+    """Refuse to start ``purpose`` (``vila-hd train``) when a module of ``extra`` is missing, before any work,
+    with the install command instead of an ``ImportError`` traceback from deep inside the run."""
+    missing = [module for module in EXTRAS[extra] if importlib.util.find_spec(module) is None]
+    if missing:
+        raise MissingExtraError(
+            f"{purpose} needs the '{extra}' extra ({', '.join(missing)} not installed): pip install "
+            f"'vila-hd[{extra}]' (from a clone: pip install '.[{extra}]')"
+        )
 
 
 class FileFormatError(VilaHDError):

@@ -223,6 +223,28 @@ def test_every_commands_help_lists_debug(capsys, names):
     assert "--debug" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "extra, argv",
+    [
+        ("train", ["train", "no-recipe.yaml"]),
+        ("train", ["finetune-lora", "--model", "m", "--data", "d.json", "--output-dir", "out"]),
+        ("train", ["merge-lora", "--adapter", "a", "--out", "out"]),
+        ("train", ["pretrain", "no-recipe.yaml"]),
+        ("train", ["demo", "--out", "out"]),
+        ("serve", ["serve", "--model", "m"]),
+    ],
+    ids=lambda value: value if isinstance(value, str) else value[0],
+)
+def test_a_missing_extra_is_named_before_any_work(capsys, monkeypatch, tmp_path, extra, argv):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(errors.EXTRAS, extra, (*errors.EXTRAS[extra], "vila_hd_no_such_module"))
+    code, err = run_main(capsys, *argv)
+    line = one_error_line(err, f"vila-hd {argv[0]}", f"'{extra}' extra", "vila_hd_no_such_module not installed",
+                          f"pip install 'vila-hd[{extra}]'")
+    assert code == 1 and line.startswith("vila-hd: error: "), err
+    assert list(tmp_path.iterdir()) == []  # refused before reading or writing anything
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     import vila_hd.train.cli
 

@@ -12,10 +12,9 @@ import sys
 import time
 
 from vila_hd.arguments import Command, non_negative_float, port_arg, positive_int
-from vila_hd.errors import ConfigError
+from vila_hd.errors import ConfigError, require_extra
 from vila_hd.serve.arguments import add_generation_arguments, add_limit_arguments, add_model_arguments, load_engine
 
-INSTALL_HINT = "vila-hd serve: error: the server needs FastAPI and uvicorn: pip install 'vila-hd[serve]'"
 LOGGERS = ("vila_hd.serve", "uvicorn.error")
 
 
@@ -46,12 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``vila-hd serve``: load the model, then serve until stopped."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        print(INSTALL_HINT, file=sys.stderr)
-        return 1
+    require_extra("serve", "vila-hd serve")
+    import uvicorn
+
     from vila_hd.serve.app import ServeConfig, create_app
     from vila_hd.serve.schema import MediaPolicy
 
