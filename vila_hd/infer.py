@@ -124,6 +124,16 @@ def _batches(items: list[Item], size: int) -> Iterable[list[Item]]:
         yield items[start : start + size]
 
 
+def plan(
+    input_path: str | os.PathLike, output_path: str | os.PathLike, retry_errors: bool = False
+) -> tuple[list[Item], dict[str, int]]:
+    """The items of ``input_path`` not yet in ``output_path``, and the run's counts before any is answered."""
+    items = read_items(input_path)
+    done = read_done(output_path, retry_errors)
+    todo = [item for item in items if item.key not in done]
+    return todo, {"total": len(items), "skipped": len(items) - len(todo), "answered": 0, "errors": 0}
+
+
 def infer(
     engine: Engine,
     input_path: str | os.PathLike,
@@ -140,11 +150,8 @@ def infer(
     Returns counts: ``total`` items, ``skipped`` (already done), ``answered``, ``errors``."""
     from tqdm.auto import tqdm
 
-    items = read_items(input_path)
-    done = read_done(output_path, retry_errors)
-    todo = [item for item in items if item.key not in done]
+    todo, counts = plan(input_path, output_path, retry_errors)
     root = Path(image_root) if image_root is not None else Path(input_path).resolve().parent
-    counts = {"total": len(items), "skipped": len(items) - len(todo), "answered": 0, "errors": 0}
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     with (
         open(output_path, "a", encoding="utf-8") as out,
@@ -232,13 +239,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: error: input file {args.input} does not exist", file=sys.stderr)
         return 1
     try:
-        items = read_items(args.input)  # fail on duplicate ids before loading a model
+        todo, counts = plan(args.input, args.output, args.retry_errors)  # bad ids fail before loading a model
     except (ValueError, OSError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
-    if not {item.key for item in items} - read_done(args.output, args.retry_errors):  # nothing left: no model
-        print(_summary({"total": len(items), "skipped": len(items), "answered": 0, "errors": 0}, args.output),
-              file=sys.stderr)
+    if not todo:  # every item answered: no model to load
+        print(_summary(counts, args.output), file=sys.stderr)
         return 0
     engine = load_engine(args, prog, image_cache_size=0)
     if engine is None:
