@@ -53,11 +53,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     """``vila-hd train``: run one stage recipe."""
-    errors.require_extra("train", "vila-hd train")
+    errors.require_extra("train", "vila-hd train", ["deepspeed"])
     from vila_hd.train.config import load_stage
     from vila_hd.train.stage import run_stage
 
     config = load_stage(args.config, args.overrides)
+    if config.lora is not None:
+        errors.require_extra("train", f"vila-hd train {args.config} (a LoRA recipe)", ["peft"])
     with naming_model(config.init.model or config.init.llm or args.config):
         run_stage(config, resume=not args.no_resume)
     _say_where(config)
@@ -145,7 +147,7 @@ def _finetune_lora_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _finetune_lora(args: argparse.Namespace) -> int:
     """``vila-hd finetune-lora``: LoRA on a custom dataset (LLaVA JSON/JSONL or a ``messages`` dataset)."""
-    errors.require_extra("train", "vila-hd finetune-lora")
+    errors.require_extra("train", "vila-hd finetune-lora", ["deepspeed", "peft"])
     from vila_hd.train.config import load_stage, refuse_output_in_init
     from vila_hd.train.stage import run_stage
 
@@ -188,7 +190,7 @@ def _merge_lora_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _merge_lora(args: argparse.Namespace) -> int:
     """``vila-hd merge-lora``: fold an adapter into its base model."""
-    errors.require_extra("train", "vila-hd merge-lora")
+    errors.require_extra("train", "vila-hd merge-lora", ["peft"])
     import torch
 
     import vila_hd.train.trainer  # noqa: F401 - its logging filter drops DeepSpeed's banner (save_pretrained imports it)
@@ -322,7 +324,7 @@ def run_check(args):
 
 # --- vila-hd pretrain ------------------------------------------------------------------------------------------
 def _pretrain(args: argparse.Namespace) -> int:
-    errors.require_extra("train", "vila-hd pretrain")
+    errors.require_extra("train", "vila-hd pretrain", ["deepspeed"])
     from vila_hd.train.pretrain.loop import pretrain
 
     return pretrain(args)

@@ -747,7 +747,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``vila-hd demo``: every step (:func:`run_demo`) at the chosen scale; exit code 0."""
-    require_extra("train", "vila-hd demo (it trains a model)")
+    require_extra("train", "vila-hd demo (it trains a model)", ["deepspeed"])
     run = SCALES[args.scale]
     if args.quick:
         run = quick(run)

@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 # Set by ``vila-hd --debug``: commands that print an error themselves print the traceback as well.
@@ -34,14 +34,10 @@ class MissingExtraError(VilaHDError):
     """A command needs an optional dependency that is not installed (the message names the extra to install)."""
 
 
-# The optional extras of setup.cfg a command may need, by the modules whose absence means "not installed".
-EXTRAS = {"train": ("deepspeed", "peft"), "serve": ("fastapi", "uvicorn")}
-
-
-def require_extra(extra: str, purpose: str) -> None:
-    """Refuse to start ``purpose`` (``vila-hd train``) when a module of ``extra`` is missing, before any work,
-    with the install command instead of an ``ImportError`` traceback from deep inside the run."""
-    missing = [module for module in EXTRAS[extra] if importlib.util.find_spec(module) is None]
+def require_extra(extra: str, purpose: str, modules: Sequence[str]) -> None:
+    """Refuse to start ``purpose`` (``vila-hd train``) when a module it imports from setup.cfg's ``extra`` is
+    missing, before any work, with the install command instead of an ``ImportError`` from deep in the run."""
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
     if missing:
         raise MissingExtraError(
             f"{purpose} needs the '{extra}' extra ({', '.join(missing)} not installed): pip install "

@@ -223,26 +223,51 @@ def test_every_commands_help_lists_debug(capsys, names):
     assert "--debug" in capsys.readouterr().out
 
 
+def hide_module(monkeypatch, hidden: str) -> None:
+    """Make ``importlib.util.find_spec`` report ``hidden`` as not installed."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hidden else find_spec(name, *a))
+
+
 @pytest.mark.parametrize(
-    "extra, argv",
+    "extra, module, argv",
     [
-        ("train", ["train", "no-recipe.yaml"]),
-        ("train", ["finetune-lora", "--model", "m", "--data", "d.json", "--output-dir", "out"]),
-        ("train", ["merge-lora", "--adapter", "a", "--out", "out"]),
-        ("train", ["pretrain", "no-recipe.yaml"]),
-        ("train", ["demo", "--out", "out"]),
-        ("serve", ["serve", "--model", "m"]),
+        ("train", "deepspeed", ["train", "no-recipe.yaml"]),
+        ("train", "peft", ["train", "lora"]),  # the shipped LoRA recipe
+        ("train", "deepspeed", ["finetune-lora", "--model", "m", "--data", "d.json", "--output-dir", "out"]),
+        ("train", "peft", ["finetune-lora", "--model", "m", "--data", "d.json", "--output-dir", "out"]),
+        ("train", "peft", ["merge-lora", "--adapter", "a", "--out", "out"]),
+        ("train", "deepspeed", ["pretrain", "no-recipe.yaml"]),
+        ("train", "deepspeed", ["demo", "--out", "out"]),
+        ("serve", "uvicorn", ["serve", "--model", "m"]),
     ],
     ids=lambda value: value if isinstance(value, str) else value[0],
 )
-def test_a_missing_extra_is_named_before_any_work(capsys, monkeypatch, tmp_path, extra, argv):
+def test_a_missing_extra_is_named_before_any_work(capsys, monkeypatch, tmp_path, extra, module, argv):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(errors.EXTRAS, extra, (*errors.EXTRAS[extra], "vila_hd_no_such_module"))
+    hide_module(monkeypatch, module)
     code, err = run_main(capsys, *argv)
-    line = one_error_line(err, f"vila-hd {argv[0]}", f"'{extra}' extra", "vila_hd_no_such_module not installed",
+    line = one_error_line(err, f"vila-hd {argv[0]}", f"'{extra}' extra", f"({module} not installed)",
                           f"pip install 'vila-hd[{extra}]'")
     assert code == 1 and line.startswith("vila-hd: error: "), err
     assert list(tmp_path.iterdir()) == []  # refused before reading or writing anything
+
+
+@pytest.mark.parametrize(
+    "module, argv, culprit",
+    [
+        ("deepspeed", ["merge-lora", "--adapter", "no-adapter", "--out", "out"], "no-adapter"),  # peft is enough
+        ("peft", ["train", "no-recipe.yaml"], "no-recipe.yaml"),  # a recipe without LoRA: DeepSpeed is enough
+    ],
+    ids=lambda value: value if isinstance(value, str) else value[0],
+)
+def test_only_what_a_command_imports_is_required(capsys, monkeypatch, tmp_path, module, argv, culprit):
+    monkeypatch.chdir(tmp_path)
+    hide_module(monkeypatch, module)
+    code, err = run_main(capsys, *argv)
+    assert code != 0 and "extra" not in err and culprit in err, err
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``vila-hd serve``: load the model, then serve until stopped."""
-    require_extra("serve", "vila-hd serve")
+    require_extra("serve", "vila-hd serve", ["fastapi", "uvicorn"])
     import uvicorn
 
     from vila_hd.serve.app import ServeConfig, create_app
